@@ -1,0 +1,58 @@
+"""Put a fast BLAS under MLX on Linux.
+
+MLX's Linux wheels link the reference (netlib) BLAS, whose sgemm runs at ~1.6 GFLOP/s on a
+2-core machine. MLX calls `cblas_sgemm` & co. through the dynamic linker, so a library that
+exports the standard `cblas_*` symbols and is loaded with RTLD_GLOBAL *before* `mlx.core`
+takes those calls (OpenBLAS: ~210 GFLOP/s on the same machine). This must run before anything
+imports `mlx.core`; `mlx_llama/__init__.py` calls it first thing.
+
+MLX_LLAMA_BLAS=off turns it off; MLX_LLAMA_BLAS=/path/to/libfoo.so picks a library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# Searched in order. Debian/Ubuntu: `apt install libopenblas0` (or libopenblas0-pthread).
+CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libmkl_rt.so.2", "libmkl_rt.so")
+
+status = "not checked"  # one line for --verbose
+
+
+def _has_cblas(lib: ctypes.CDLL) -> bool:
+    try:
+        lib.cblas_sgemm  # noqa: B018 - attribute lookup is the check
+        return True
+    except AttributeError:
+        return False
+
+
+def preload() -> str:
+    """Load a fast BLAS globally if we can; return (and remember) a line saying what happened."""
+    global status
+    setting = os.environ.get("MLX_LLAMA_BLAS", "").strip()
+    if sys.platform == "darwin":
+        status = "Accelerate (MLX's own on macOS)"
+    elif setting.lower() in ("0", "off", "no", "none", "false"):
+        status = "MLX's bundled reference BLAS (MLX_LLAMA_BLAS=off)"
+    elif "mlx.core" in sys.modules:
+        status = "MLX's bundled BLAS (mlx.core was imported before mlx_llama; import mlx_llama first)"
+    else:
+        names = (setting,) if setting else CANDIDATES + tuple(filter(None, [ctypes.util.find_library("openblas")]))
+        for name in names:
+            try:
+                lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            if _has_cblas(lib):
+                status = f"{name} (preloaded)"
+                break
+        else:
+            status = (
+                "MLX's bundled reference BLAS (slow): no OpenBLAS found; "
+                "on Debian/Ubuntu run `sudo apt install libopenblas0`"
+            )
+    return status

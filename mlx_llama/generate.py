@@ -1,0 +1,134 @@
+"""Token generation: prefill the prompt, then decode one token at a time.
+
+The decode loop keeps the device busy: it queues step n+1 (`mx.async_eval`) before it hands
+token n to the caller, so detokenizing and printing overlap with the next forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+
+from .gguf_file import MlxLlamaError
+from .model import Model
+from .sample import SamplingParams, make_sampler
+from .tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the attention scratch memory
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0  # prefill, up to the first sampled token
+    generation_seconds: float = 0.0  # the remaining tokens
+    finish_reason: str | None = None  # "stop" (an end-of-generation token), "length", "context"
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        n = self.generated_tokens - 1  # the first token's time is counted as prompt time
+        return n / self.generation_seconds if n > 0 and self.generation_seconds else 0.0
+
+
+def prefill(model: Model, tokens: mx.array, cache) -> mx.array:
+    """Run all prompt tokens through the model; return the last position's logits (1, V)."""
+    while tokens.size > PREFILL_CHUNK:
+        model(tokens[None, :PREFILL_CHUNK], cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[PREFILL_CHUNK:]
+    return model(tokens[None], cache)[:, -1, :]
+
+
+def generate_tokens(
+    model: Model,
+    prompt: list[int],
+    params: SamplingParams,
+    max_tokens: int,
+    cache=None,
+) -> Iterator[int]:
+    """Yield sampled token ids, at most `max_tokens` of them (the caller decides when to stop)."""
+    if not prompt:
+        raise MlxLlamaError("the prompt is empty (no tokens to start from)")
+    sample = make_sampler(params)
+    cache = cache if cache is not None else model.make_cache()
+    n_hist = params.repeat_last_n if params.repeat_penalty != 1.0 else 0
+    history = mx.array(prompt[-n_hist:] if n_hist else [], mx.int32)
+
+    def step(logits: mx.array) -> mx.array:
+        nonlocal history
+        y = sample(logits, history)
+        if n_hist:
+            history = mx.concatenate([history, y])[-n_hist:]
+        return y
+
+    y = step(prefill(model, mx.array(prompt, mx.int32), cache))
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_y = step(model(y[None], cache)[:, -1, :])
+            mx.async_eval(next_y)
+        yield y.item()
+        if n + 1 < max_tokens:
+            y = next_y
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | list[int],
+    max_tokens: int = 256,
+    *,
+    stats: GenerationStats | None = None,
+    parse_special: bool = True,
+    **sampling,
+) -> Iterator[str]:
+    """Yield the generated text piece by piece, stopping at an end-of-generation token.
+
+    prompt: text (tokenized with BOS per the file and special tokens parsed, as llama.cpp's
+    completion mode does) or token ids. sampling: the fields of `SamplingParams`.
+    stats: filled in as generation goes (timings, token counts, finish reason).
+    """
+    stats = stats if stats is not None else GenerationStats()
+    params = SamplingParams(**sampling)
+    ids = tokenizer.encode(prompt, add_special=True, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
+    context = model.config.context_length
+    if len(ids) >= context:
+        raise MlxLlamaError(f"the prompt has {len(ids)} tokens, more than the model's context of {context}")
+    room = context - len(ids)
+    stopped_by_context = max_tokens >= room
+    max_tokens = min(max_tokens, room)
+    stats.prompt_tokens = len(ids)
+    detok = tokenizer.detokenizer()
+    t0 = time.perf_counter()
+    stats.finish_reason = "context" if stopped_by_context else "length"
+    for token in generate_tokens(model, ids, params, max_tokens):
+        now = time.perf_counter()
+        if stats.generated_tokens == 0:
+            stats.prompt_seconds = now - t0
+        else:
+            stats.generation_seconds = now - t0 - stats.prompt_seconds
+        if token in tokenizer.stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.generated_tokens += 1
+        stats.tokens.append(token)
+        piece = detok.add(token)
+        if piece:
+            yield piece
+    tail = detok.finalize()
+    if tail:
+        yield tail
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
+    """The whole generated text (see `stream_generate`)."""
+    return "".join(stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

@@ -1,0 +1,167 @@
+"""GGUF file → metadata dict, model config and raw tensor blocks.
+
+Everything that can be wrong with a file is reported as one `GGUFError` whose message names
+the file and the problem; the CLI prints it as a single line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+class MlxLlamaError(Exception):
+    """Base class of the errors mlx_llama reports to users as one line."""
+
+
+class GGUFError(MlxLlamaError):
+    """A GGUF file that cannot be loaded: bad magic, truncated, missing keys, bad shapes…"""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class ModelConfig:
+    """The Llama hyper-parameters, read from the `{arch}.*` metadata keys."""
+
+    architecture: str
+    context_length: int
+    hidden_size: int  # embedding_length
+    num_layers: int  # block_count
+    intermediate_size: int  # feed_forward_length
+    num_heads: int  # attention.head_count
+    num_kv_heads: int  # attention.head_count_kv
+    rope_dims: int  # rope.dimension_count
+    rope_theta: float  # rope.freq_base
+    rms_norm_eps: float  # attention.layer_norm_rms_epsilon
+    vocab_size: int
+    rope_scale: float = 1.0  # 1 / rope.scaling.factor for linear scaling
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        self.head_dim = self.hidden_size // self.num_heads
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # numpy order: (rows, ..., columns); GGUF stores it reversed
+    data: np.ndarray  # raw bytes (uint8) or typed elements, memory-mapped
+
+
+def _field_value(f) -> Any:
+    return f.contents()
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: `.metadata` (key → Python value) and `.tensors` (name → TensorInfo)."""
+
+    def __init__(self, path):
+        import gguf
+
+        self.path = os.fspath(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as fh:
+                magic = fh.read(4)
+        except OSError as e:
+            raise GGUFError(self.path, e.strerror or str(e)) from None
+        if magic != GGUF_MAGIC:
+            raise GGUFError(self.path, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        try:
+            reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the reader raises ValueError/IndexError/... on short or corrupt headers
+            raise GGUFError(self.path, f"corrupt or truncated header ({type(e).__name__}: {e})") from None
+        self.reader = reader
+        self.metadata: dict[str, Any] = {}
+        for key, f in reader.fields.items():
+            try:
+                self.metadata[key] = _field_value(f)
+            except Exception as e:
+                raise GGUFError(self.path, f"unreadable metadata value for {key!r} ({e})") from None
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise GGUFError(
+                    self.path,
+                    f"file is truncated: tensor {t.name!r} ends at byte {end} but the file has {size} bytes",
+                )
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self.tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), shape, t.data)
+        self.file_size = size
+
+    # -- typed metadata access ------------------------------------------------------------------
+
+    def get(self, key: str, kind: type, default: Any = ...):
+        """The value at `key`, checked to be of `kind` (int, float, str, bool, list)."""
+        if key not in self.metadata:
+            if default is ...:
+                raise GGUFError(self.path, f"missing metadata key {key!r}")
+            return default
+        value = self.metadata[key]
+        ok = {
+            int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+            bool: lambda v: isinstance(v, (bool, np.bool_)),
+            list: lambda v: isinstance(v, (list, np.ndarray)),
+        }[kind](value)
+        if not ok:
+            raise GGUFError(
+                self.path, f"metadata key {key!r} has type {type(value).__name__}, expected {kind.__name__}"
+            )
+        return kind(value) if kind is not list else value
+
+    @property
+    def architecture(self) -> str:
+        return self.get("general.architecture", str)
+
+    def config(self) -> ModelConfig:
+        arch = self.architecture
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise GGUFError(
+                self.path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        g = lambda k, kind, default=...: self.get(f"{arch}.{k}", kind, default)  # noqa: E731
+        hidden = g("embedding_length", int)
+        heads = g("attention.head_count", int)
+        if heads <= 0 or hidden % heads:
+            raise GGUFError(self.path, f"embedding_length {hidden} is not divisible by head_count {heads}")
+        kv_heads = g("attention.head_count_kv", int, heads)
+        if kv_heads <= 0 or heads % kv_heads:
+            raise GGUFError(self.path, f"head_count {heads} is not a multiple of head_count_kv {kv_heads}")
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        vocab = g("vocab_size", int, len(tokens) if tokens is not None else None)
+        if vocab is None:
+            raise GGUFError(self.path, f"missing metadata key '{arch}.vocab_size' (and no tokenizer.ggml.tokens)")
+        rope_scale = 1.0
+        scaling = g("rope.scaling.type", str, "none")
+        if scaling == "linear":
+            rope_scale = 1.0 / g("rope.scaling.factor", float)
+        elif scaling not in ("none", ""):
+            raise GGUFError(self.path, f"unsupported rope scaling type {scaling!r} (supported: linear)")
+        return ModelConfig(
+            architecture=arch,
+            context_length=g("context_length", int),
+            hidden_size=hidden,
+            num_layers=g("block_count", int),
+            intermediate_size=g("feed_forward_length", int),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            rope_dims=g("rope.dimension_count", int, hidden // heads),
+            rope_theta=g("rope.freq_base", float, 10000.0),
+            rms_norm_eps=g("attention.layer_norm_rms_epsilon", float),
+            vocab_size=vocab,
+            rope_scale=rope_scale,
+        )

@@ -1,0 +1,98 @@
+"""The Llama-2 architecture as `mlx.nn` modules.
+
+Module attribute names are the GGUF tensor names (`blk.N.attn_q`, `ffn_gate`, `output_norm` …),
+with a block's attention and feed-forward layers grouped under `attn` and `ffn`; `module_path`
+maps a GGUF tensor name onto this tree.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .gguf_file import ModelConfig
+
+
+def module_path(gguf_name: str) -> str:
+    """'blk.3.attn_q.weight' → 'blk.3.attn.attn_q.weight'; 'blk.3.ffn_up.weight' → 'blk.3.ffn.ffn_up.weight'."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4:
+        group = parts[2].split("_")[0]  # attn_q → attn, ffn_up → ffn
+        if parts[2] not in ("attn_norm", "ffn_norm"):
+            parts.insert(2, group)
+    return ".".join(parts)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.attn_q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.attn_k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.attn_v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.attn_output = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        # llama.cpp's converter permuted Q/K so each rotated pair is adjacent: "traditional" RoPE.
+        self.rope = nn.RoPE(cfg.rope_dims, traditional=True, base=cfg.rope_theta, scale=cfg.rope_scale)
+
+    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        B, T, _ = x.shape
+        # (B, T, heads * head_dim) → (B, heads, T, head_dim)
+        q = self.attn_q(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.attn_k(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.attn_v(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" aligns the last query with the last key, so it also holds after a cached prefix.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if T > 1 else None)
+        return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.ffn_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.ffn_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.ffn_down(nn.silu(self.ffn_gate(x)) * self.ffn_up(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, tied_embeddings: bool):
+        super().__init__()
+        self.config = cfg
+        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blk = [Block(cfg) for _ in range(cfg.num_layers)]
+        self.output_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.tied_embeddings = tied_embeddings
+        if not tied_embeddings:
+            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """tokens: (B, T) int → logits (B, T, vocab)."""
+        h = self.token_embd(tokens)
+        for i, block in enumerate(self.blk):
+            h = block(h, cache[i] if cache is not None else None)
+        h = self.output_norm(h)
+        return self.token_embd.as_linear(h) if self.tied_embeddings else self.output(h)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.blk]
