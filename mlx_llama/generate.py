@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
 from .gguf_file import MlxLlamaError
 from .model import Model
 from .sample import SamplingParams, make_sampler
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the attention scratch memory
 

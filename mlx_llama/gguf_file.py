@@ -59,16 +59,42 @@ class TensorInfo:
     data: np.ndarray  # raw bytes (uint8) or typed elements, memory-mapped
 
 
-def _field_value(f) -> Any:
-    return f.contents()
+class _TruncatedTensor(Exception):
+    pass
+
+
+def _checked_reader(path: str):
+    """gguf's reader, made to say which tensor runs past the end of a cut file.
+
+    Its own failure there is an opaque numpy reshape error, raised while it builds the tensor
+    views; the tensor-info fields it passes to `_build_tensors` hold everything needed to say
+    more (name, dims, type, offset), so the check goes just before that step.
+    """
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            for f in fields:
+                _, name, _, dims, raw_type, offset = f.parts
+                try:
+                    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+                except ValueError:
+                    continue  # unknown type: reported by the reader itself
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * size // block
+                if end > len(self.data):
+                    raise _TruncatedTensor(
+                        f"file is truncated: tensor {bytes(name).decode(errors='replace')!r} "
+                        f"ends at byte {end} but the file has {len(self.data)} bytes"
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    return Reader(path, "r")
 
 
 class GGUFFile:
     """A memory-mapped GGUF file: `.metadata` (key → Python value) and `.tensors` (name → TensorInfo)."""
 
     def __init__(self, path):
-        import gguf
-
         self.path = os.fspath(path)
         try:
             size = os.path.getsize(self.path)
@@ -79,24 +105,20 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise GGUFError(self.path, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
         try:
-            reader = gguf.GGUFReader(self.path, "r")
+            reader = _checked_reader(self.path)
+        except _TruncatedTensor as e:
+            raise GGUFError(self.path, str(e)) from None
         except Exception as e:  # the reader raises ValueError/IndexError/... on short or corrupt headers
             raise GGUFError(self.path, f"corrupt or truncated header ({type(e).__name__}: {e})") from None
         self.reader = reader
         self.metadata: dict[str, Any] = {}
         for key, f in reader.fields.items():
             try:
-                self.metadata[key] = _field_value(f)
+                self.metadata[key] = f.contents()
             except Exception as e:
                 raise GGUFError(self.path, f"unreadable metadata value for {key!r} ({e})") from None
         self.tensors: dict[str, TensorInfo] = {}
         for t in reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise GGUFError(
-                    self.path,
-                    f"file is truncated: tensor {t.name!r} ends at byte {end} but the file has {size} bytes",
-                )
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), shape, t.data)
         self.file_size = size
