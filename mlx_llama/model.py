@@ -14,6 +14,20 @@ from .cache import KVCache
 from .gguf_file import ModelConfig
 
 
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """Looks rows up in float32: MLX's own layer computes them in the float16 of the scales,
+    which would round every embedding value the GGUF file holds exactly."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scales, biases = self["scales"][x].astype(mx.float32), self["biases"][x].astype(mx.float32)
+        return mx.dequantize(self["weight"][x], scales, biases, group_size=self.group_size, bits=self.bits)
+
+
+class Embedding(nn.Embedding):
+    def to_quantized(self, group_size=None, bits=None, mode="affine", **kwargs):
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
 def module_path(gguf_name: str) -> str:
     """'blk.3.attn_q.weight' → 'blk.3.attn.attn_q.weight'; 'blk.3.ffn_up.weight' → 'blk.3.ffn.ffn_up.weight'."""
     parts = gguf_name.split(".")
@@ -76,10 +90,11 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, tied_embeddings: bool):
+    def __init__(self, cfg: ModelConfig, tied_embeddings: bool, dtype: mx.Dtype = mx.float32):
         super().__init__()
         self.config = cfg
-        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dtype = dtype  # of the activations
+        self.token_embd = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blk = [Block(cfg) for _ in range(cfg.num_layers)]
         self.output_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.tied_embeddings = tied_embeddings
@@ -88,7 +103,7 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens: (B, T) int → logits (B, T, vocab)."""
-        h = self.token_embd(tokens)
+        h = self.token_embd(tokens).astype(self.dtype)
         for i, block in enumerate(self.blk):
             h = block(h, cache[i] if cache is not None else None)
         h = self.output_norm(h)

