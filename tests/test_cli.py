@@ -1,0 +1,53 @@
+"""`mlx_llama generate` run as a user runs it, on the real default model."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+import mlx_llama
+from mlx_llama.cli import main
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mlx_llama", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_paris_with_default_model(smollm2_path):
+    r = run_cli("generate", "The capital of France is", "-n", "16", "--temp", "0", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    # the text streams to stdout; speed, memory and the BLAS line go to stderr
+    assert "prompt: 5 tokens" in r.stderr and "tok/s" in r.stderr and "peak memory" in r.stderr
+    assert "BLAS:" in r.stderr
+    assert "Traceback" not in r.stderr
+    # same text as the Python API gives
+    model, tokenizer = mlx_llama.load(smollm2_path)
+    assert r.stdout == mlx_llama.generate(model, tokenizer, "The capital of France is", 16, temp=0) + "\n"
+
+
+def test_seed_makes_sampling_reproducible(smollm2_path):
+    runner = CliRunner()
+    args = ["generate", "-m", str(smollm2_path), "-p", "Once upon a time", "-n", "12", "--temp", "1.0", "--seed"]
+    first = runner.invoke(main, args + ["7"])
+    again = runner.invoke(main, args + ["7"])
+    other = runner.invoke(main, args + ["8"])
+    assert first.exit_code == again.exit_code == other.exit_code == 0, first.output
+    assert first.stdout == again.stdout
+    assert first.stdout != other.stdout
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    runner = CliRunner()
+    for args, expected in [
+        (["generate", "hi", "--temp", "abc"], "'abc' is not a valid float"),
+        (["generate", "hi", "--top-p", "2"], "2.0 is not in the range"),
+        (["generate", "hi", "-n", "0"], "0 is not in the range x>=1"),
+        (["generate", "hi", "-p", "also"], "either as an argument or with -p"),
+        (["generate"], "no prompt"),
+        (["generate", "hi", "-m", str(tmp_path / "missing.gguf")], "missing.gguf: No such file or directory"),
+    ]:
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert expected in r.output, (args, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit)
