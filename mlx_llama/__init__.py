@@ -4,10 +4,25 @@ from . import _blas
 
 _blas.preload()  # must precede the first `import mlx.core`
 
-from .gguf_file import GGUFError, MlxLlamaError  # noqa: E402
-from .generate import GenerationStats, generate, stream_generate  # noqa: E402
-from .loader import load  # noqa: E402
-from .sample import SamplingParams  # noqa: E402
+from .gguf_file import GGUFError, MlxLlamaError  # noqa: E402  (no MLX needed)
+
+# The rest imports MLX, so it loads on first use: `mlx_llama --help` and error paths stay fast,
+# and a missing MLX backend can be reported in one line by the CLI.
+_LAZY = {
+    "load": "loader",
+    "generate": "generate",
+    "stream_generate": "generate",
+    "GenerationStats": "generate",
+    "SamplingParams": "sample",
+}
 
 __all__ = ["load", "generate", "stream_generate", "GenerationStats", "SamplingParams", "MlxLlamaError", "GGUFError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

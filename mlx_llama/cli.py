@@ -6,6 +6,7 @@ import importlib.util
 import os
 import resource
 import sys
+import time
 
 import click
 
@@ -27,6 +28,14 @@ def default_model_path() -> str:
 def fail(message: str) -> None:
     click.echo(f"mlx_llama: error: {message}", err=True)
     sys.exit(2)
+
+
+def import_mlx():
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        fail(f"MLX cannot be imported ({e}); on Linux install a backend: pip install 'mlx[cpu]' or 'mlx[cuda13]'")
+    return mx
 
 
 def peak_rss_mb() -> float:
@@ -60,10 +69,7 @@ def generate(prompt_arg, model_path, prompt, max_tokens, temp, top_k, top_p, min
     prompt = prompt if prompt is not None else prompt_arg
     if prompt is None:
         fail("no prompt: give PROMPT or -p PROMPT")
-    import time
-
-    import mlx.core as mx
-
+    mx = import_mlx()
     from .generate import GenerationStats, stream_generate
     from .loader import load
 
