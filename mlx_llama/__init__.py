@@ -10,9 +10,9 @@ from .gguf_file import GGUFError, MlxLlamaError  # noqa: E402  (no MLX needed)
 # and a missing MLX backend can be reported in one line by the CLI.
 _LAZY = {
     "load": "loader",
-    "generate": "generate",
-    "stream_generate": "generate",
-    "GenerationStats": "generate",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "GenerationStats": "generation",
     "SamplingParams": "sample",
 }
 

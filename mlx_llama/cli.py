@@ -70,7 +70,7 @@ def generate(prompt_arg, model_path, prompt, max_tokens, temp, top_k, top_p, min
     if prompt is None:
         fail("no prompt: give PROMPT or -p PROMPT")
     mx = import_mlx()
-    from .generate import GenerationStats, stream_generate
+    from .generation import GenerationStats, stream_generate
     from .loader import load
 
     try:

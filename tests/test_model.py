@@ -6,7 +6,7 @@ import pytest
 
 import golden
 import mlx_llama
-from mlx_llama.generate import generate_tokens
+from mlx_llama.generation import generate_tokens
 from mlx_llama.sample import SamplingParams
 
 TEXT_IDS = [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 9842, 2402, 253, 655, 28, 281, 253]
