@@ -103,9 +103,16 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens: (B, T) int → logits (B, T, vocab)."""
+        return self.logits(self.hidden(tokens, cache))
+
+    def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """tokens: (B, T) int → final hidden states (B, T, hidden), before the output norm."""
         h = self.token_embd(tokens).astype(self.dtype)
         for i, block in enumerate(self.blk):
             h = block(h, cache[i] if cache is not None else None)
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
         h = self.output_norm(h)
         return self.token_embd.as_linear(h) if self.tied_embeddings else self.output(h)
 
