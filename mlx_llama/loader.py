@@ -113,7 +113,7 @@ def load_model(
     if cpu_dequantize is None:
         cpu_dequantize = choose_cpu_dequantize(cfg, n_params)
 
-    model = Model(cfg, tied_embeddings=tied, dtype=dtype)
+    model = Model(cfg, tied_embeddings=tied, dtype=dtype, cpu_kernels=on_cpu and dtype == mx.float32)
     weights, quantized = [], {}
     show = progress if progress is not None else (f.file_size > 2**30 and sys.stderr.isatty())
     bar = _Progress(sum(f.tensors[n].data.nbytes for n in shapes), show)

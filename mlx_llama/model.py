@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import KVCache
 from .gguf_file import ModelConfig
 
@@ -39,8 +40,9 @@ def module_path(gguf_name: str) -> str:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cpu_kernels: bool):
         super().__init__()
+        self.cpu_kernels = cpu_kernels
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
         self.attn_q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
@@ -60,29 +62,32 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the last query with the last key, so it also holds after a cached prefix.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if T > 1 else None)
+        if self.cpu_kernels:
+            out = kernels.attention(q, k, v, self.scale)
+        else:  # "causal" aligns the last query with the last key, so it holds after a cached prefix
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if T > 1 else None)
         return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cpu_kernels: bool):
         super().__init__()
+        self.swiglu = kernels.swiglu if cpu_kernels else (lambda gate, up: nn.silu(gate) * up)
         self.ffn_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.ffn_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.ffn_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.ffn_down(nn.silu(self.ffn_gate(x)) * self.ffn_up(x))  # SwiGLU
+        return self.ffn_down(self.swiglu(self.ffn_gate(x), self.ffn_up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cpu_kernels: bool):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, cpu_kernels)
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, cpu_kernels)
 
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
         h = x + self.attn(self.attn_norm(x), cache)
@@ -90,12 +95,13 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, tied_embeddings: bool, dtype: mx.Dtype = mx.float32):
+    def __init__(self, cfg: ModelConfig, tied_embeddings: bool, dtype: mx.Dtype = mx.float32, cpu_kernels: bool = False):
+        """cpu_kernels: attention and SwiGLU from `kernels` (fast on MLX's CPU backend, float32 only)."""
         super().__init__()
         self.config = cfg
         self.dtype = dtype  # of the activations
         self.token_embd = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blk = [Block(cfg) for _ in range(cfg.num_layers)]
+        self.blk = [Block(cfg, cpu_kernels) for _ in range(cfg.num_layers)]
         self.output_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.tied_embeddings = tied_embeddings
         if not tied_embeddings:
