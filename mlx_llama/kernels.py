@@ -56,12 +56,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     q: (B, H, T, D); k, v: (B, KV, S, D) → (B, H, T, D). Query head h reads kv head h // (H/KV).
     """
     B, H, T, D = q.shape
+    if T == 1:  # one new token sees every cached key: a few thousand exps, MLX's kernel is fine
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     KV, S = k.shape[1], k.shape[2]
     # (B, H, T, D) → (B, KV, H/KV * T, D): each kv head's query heads as one matmul (BLAS)
     scores = (q.reshape(B, KV, -1, D) * scale) @ k.swapaxes(-1, -2)
-    if T == 1:  # one new token sees every cached key; a few thousand exps: MLX's own is fine
-        probs = mx.softmax(scores, axis=-1)
-    else:
-        visible = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]  # (T, S)
-        probs = _masked_softmax(scores.reshape(B, KV, -1, T, S), visible).reshape(B, KV, -1, S)
+    visible = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]  # (T, S)
+    probs = _masked_softmax(scores.reshape(B, KV, -1, T, S), visible).reshape(B, KV, -1, S)
     return (probs @ v).reshape(B, H, T, D)
