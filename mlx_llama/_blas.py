@@ -17,7 +17,8 @@ import os
 import sys
 
 # Searched in order. Debian/Ubuntu: `apt install libopenblas0` (or libopenblas0-pthread).
-CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libmkl_rt.so.2", "libmkl_rt.so")
+# Intel MKL also works (`pip install mkl` puts libmkl_rt in <prefix>/lib), but weighs ~1 GB.
+CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libmkl_rt.so.3", "libmkl_rt.so.2")
 
 status = "not checked"  # one line for --verbose
 
@@ -41,7 +42,8 @@ def preload() -> str:
     elif "mlx.core" in sys.modules:
         status = "MLX's bundled BLAS (mlx.core was imported before mlx_llama; import mlx_llama first)"
     else:
-        names = (setting,) if setting else CANDIDATES + tuple(filter(None, [ctypes.util.find_library("openblas")]))
+        prefix_lib = os.path.join(sys.prefix, "lib")
+        names = (setting,) if setting else CANDIDATES + tuple(os.path.join(prefix_lib, n) for n in CANDIDATES[3:])
         for name in names:
             try:
                 lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
@@ -51,8 +53,6 @@ def preload() -> str:
                 status = f"{name} (preloaded)"
                 break
         else:
-            status = (
-                "MLX's bundled reference BLAS (slow): no OpenBLAS found; "
-                "on Debian/Ubuntu run `sudo apt install libopenblas0`"
-            )
+            missing = f"could not load MLX_LLAMA_BLAS={setting}" if setting else "no OpenBLAS found"
+            status = f"MLX's bundled reference BLAS (slow): {missing}; on Debian/Ubuntu run `sudo apt install libopenblas0`"
     return status

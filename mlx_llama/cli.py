@@ -77,6 +77,8 @@ def generate(prompt_arg, model_path, prompt, max_tokens, temp, top_k, top_p, min
         path = model_path or default_model_path()
         t0 = time.perf_counter()
         model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
+        if mx.default_device() == mx.cpu and _blas.status.startswith("MLX's bundled reference BLAS (slow)"):
+            click.echo(f"mlx_llama: warning: CPU matmuls use {_blas.status}", err=True)
         if verbose:
             mode = "float32 (CPU dequantized)" if model.cpu_dequantized else "quantized"
             click.echo(f"model: {path}", err=True)

@@ -51,3 +51,21 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert expected in r.output, (args, r.output)
         assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_blas_line_and_switch(smollm2_path):
+    """--verbose names the BLAS; MLX_LLAMA_BLAS=off turns the preload off; a bad library is reported."""
+    import ctypes.util
+    import os
+
+    base = ["generate", "-m", str(smollm2_path), "Hi", "-n", "1", "--temp", "0", "--verbose"]
+    env = dict(os.environ)
+    for setting, expected in [("off", "MLX_LLAMA_BLAS=off"), ("/no/such/libblas.so", "could not load MLX_LLAMA_BLAS=/no/such/libblas.so")]:
+        env["MLX_LLAMA_BLAS"] = setting
+        r = subprocess.run([sys.executable, "-m", "mlx_llama", *base], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert expected in r.stderr
+    assert "warning: CPU matmuls use MLX's bundled reference BLAS (slow)" in r.stderr
+    if ctypes.util.find_library("openblas"):
+        r = run_cli(*base)
+        assert "BLAS: libopenblas.so.0 (preloaded)" in r.stderr, r.stderr

@@ -88,3 +88,12 @@ def test_smollm2_greedy_vs_llama_cpp(smollm2):
         result = golden.check_greedy(entry, ours)
         print(result)
         assert result.ok, str(result)
+
+
+def test_cpu_modes_agree(smollm2_path):
+    """CPU mode (weights expanded to float32 at load, BLAS matmuls) = quantized kernels, to float32 accuracy."""
+    dense, _ = mlx_llama.load(smollm2_path, cpu_dequantize=True)
+    quantized, _ = mlx_llama.load(smollm2_path, cpu_dequantize=False)
+    assert dense.cpu_dequantized and not quantized.cpu_dequantized
+    a, b = mlx_logits(dense, TEXT_IDS), mlx_logits(quantized, TEXT_IDS)
+    assert np.abs(a - b).max() <= 1e-3
