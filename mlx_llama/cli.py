@@ -84,33 +84,99 @@ def memory_line(mx) -> str:
     return f"peak memory: MLX {mx.get_peak_memory() / 2**20:.0f} MB, RSS {peak_rss_mb():.0f} MB"
 
 
+def sampling_options(f):
+    """llama.cpp's sampler settings and defaults, shared by generate and chat."""
+    options = [
+        click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0), help="Temperature; 0 is greedy."),
+        click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k filter; 0 is off."),
+        click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (nucleus) filter; 1 is off."),
+        click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p filter; 0 is off."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Repetition penalty; 1 is off."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the penalties look back over (prompt included)."),
+        click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop when this text is generated (repeatable); it is not printed."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_params(kw: dict):
+    from .sample import SamplingParams
+
+    names = ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+    return SamplingParams(**{n: kw.pop(n) for n in names})
+
+
+def template_options(f):
+    f = click.option("--system", default=None, help="System message (chat template only).")(f)
+    return click.option("--chat-template", "template_name", default=None,
+                        help="Built-in template (chatml, llama-2, llama-3, zephyr) instead of the file's own.")(f)
+
+
+def chat_template(tokenizer, name):
+    from .chat_template import template_for
+
+    return template_for(tokenizer.metadata, name)
+
+
+def stats_line(stats, mx, verbose: bool) -> str:
+    cached = f" (+{stats.cached_tokens} cached)" if stats.cached_tokens else ""
+    line = (
+        f"prompt: {stats.prompt_tokens} tokens{cached}, {stats.prompt_tps:.1f} tok/s | "
+        f"generation: {stats.generated_tokens} tokens, {stats.generation_tps:.1f} tok/s | finish: {stats.finish_reason}"
+    )
+    if verbose:
+        line += f" | time to first token: {stats.prompt_seconds:.2f}s"
+    return f"{line} | {memory_line(mx)}"
+
+
 @main.command()
 @click.argument("prompt_arg", metavar="[PROMPT]", required=False)
 @click.option("-p", "--prompt", help="The prompt (instead of the PROMPT argument).")
 @click.option("-n", "--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
-@click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0), help="Temperature; 0 is greedy.")
-@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k filter; 0 is off.")
-@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (nucleus) filter; 1 is off.")
-@click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p filter; 0 is off.")
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Repetition penalty; 1 is off.")
-@click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the repetition penalty looks back over.")
-@click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
+@click.option("--chat/--raw", "use_template", default=False, show_default=True,
+              help="Wrap the prompt in the chat template (the file's own or --chat-template), or send it as it is (special tokens parsed).")
+@template_options
+@sampling_options
 @model_options
-def generate(prompt_arg, prompt, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, model_path, cpu_dequantize, verbose):
-    """Generate text from PROMPT, streamed to stdout; speed and memory go to stderr."""
+def generate(prompt_arg, prompt, max_tokens, use_template, template_name, system, stop, model_path, cpu_dequantize, verbose, **sampling):
+    """Continue PROMPT, streamed to stdout; speed and memory go to stderr.
+
+    With --chat (implied by --chat-template or --system) the prompt becomes a user message in
+    the model's chat template, applied once; otherwise it is sent as it is, as llama.cpp's
+    completion mode does.
+    """
     if prompt_arg is not None and prompt is not None:
         fail("give the prompt either as an argument or with -p, not both")
     prompt = prompt if prompt is not None else prompt_arg
     if prompt is None:
         fail("no prompt: give PROMPT or -p PROMPT")
+    use_template = use_template or template_name is not None or system is not None
     mx = import_mlx()
+    from .chat_template import encode_chat, looks_templated, stop_token_ids
+    from .chat import chat_messages
     from .generation import GenerationStats, stream_generate
 
+    params = sampling_params(sampling)
     try:
         model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        template = chat_template(tokenizer, template_name) if use_template else None
+        ids, stop_ids = prompt, None
+        if template is not None and looks_templated(prompt, template):
+            click.echo(
+                "mlx_llama: warning: the prompt already contains the chat template's markers; "
+                "it is sent as it is, not wrapped again (drop --chat to send it raw without this warning)",
+                err=True,
+            )
+            template = None
+        if template is not None:
+            ids = encode_chat(tokenizer, template.render(chat_messages(prompt, system), add_generation_prompt=True))
+            stop_ids = tokenizer.stop_ids | stop_token_ids(template, tokenizer)
+        if verbose:
+            click.echo(f"chat template: {template.name if template else 'none (raw prompt)'}", err=True)
         stats = GenerationStats()
-        sampling = dict(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-        for piece in stream_generate(model, tokenizer, prompt, max_tokens, stats=stats, **sampling):
+        for piece in stream_generate(model, tokenizer, ids, max_tokens, stats=stats, stop=stop, stop_ids=stop_ids, **vars(params)):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
@@ -119,12 +185,92 @@ def generate(prompt_arg, prompt, max_tokens, temp, top_k, top_p, min_p, repeat_p
     except KeyboardInterrupt:
         click.echo("\n[interrupted]", err=True)
         sys.exit(130)
-    click.echo(
-        f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
-        f"generation: {stats.generated_tokens} tokens, {stats.generation_tps:.1f} tok/s | "
-        f"finish: {stats.finish_reason} | {memory_line(mx)}",
-        err=True,
-    )
+    click.echo(stats_line(stats, mx, verbose), err=True)
+
+
+CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, Ctrl-C stops an answer, Ctrl-D exits."
+
+
+def _readline_history():
+    """Line editing and a persistent history, where the readline module exists."""
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    path = os.path.join(os.path.expanduser("~"), ".mlx_llama_history")
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    atexit.register(lambda: _write_history(readline, path))
+
+
+def _write_history(readline, path):
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
+@main.command()
+@click.option("-n", "--max-tokens", default=1024, show_default=True, type=click.IntRange(min=1), help="Tokens per answer at most.")
+@template_options
+@sampling_options
+@model_options
+def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, verbose, **sampling):
+    """Talk with the model: multi-turn, the history and its KV cache kept between turns."""
+    mx = import_mlx()
+    from .chat import ChatSession
+    from .generation import GenerationStats
+
+    params = sampling_params(sampling)
+    try:
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        session = ChatSession(model, tokenizer, chat_template(tokenizer, template_name), system=system, params=params, stop_strings=stop)
+    except MlxLlamaError as e:
+        fail(str(e))
+    _readline_history()
+    click.echo(CHAT_HELP, err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/reset":
+            session.reset()
+            click.echo("[conversation cleared]", err=True)
+            continue
+        if command == "/system" or command.startswith("/system "):
+            session.set_system(command[len("/system"):].strip())
+            click.echo(f"[system message {'set' if session.system else 'cleared'}]", err=True)
+            continue
+        if command.startswith("/"):
+            click.echo(f"[unknown command {command.split()[0]}] {CHAT_HELP}", err=True)
+            continue
+        stats = GenerationStats()
+        answer = session.ask(line, max_tokens, stats)
+        try:
+            for piece in answer:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+            click.echo()
+        except KeyboardInterrupt:
+            answer.close()
+            click.echo("\n[stopped]", err=True)
+        except MlxLlamaError as e:
+            click.echo(f"mlx_llama: error: {e}", err=True)
+            continue
+        if verbose:
+            click.echo(stats_line(stats, mx, verbose), err=True)
 
 
 @main.command()

@@ -28,8 +28,10 @@ class GenerationStats:
     generated_tokens: int = 0
     prompt_seconds: float = 0.0  # prefill, up to the first sampled token
     generation_seconds: float = 0.0  # the remaining tokens
-    finish_reason: str | None = None  # "stop" (an end-of-generation token), "length", "context"
-    tokens: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # tokens the cache already held (chat turns after the first)
+    finish_reason: str | None = None  # "stop" (end-of-generation token or stop string), "length", "context"
+    tokens: list[int] = field(default_factory=list)  # the generated tokens, stop token excluded
+    sampled: list[int] = field(default_factory=list)  # every sampled token, stop token included
 
     @property
     def prompt_tps(self) -> float:
@@ -59,8 +61,6 @@ def generate_tokens(
     cache=None,
 ) -> Iterator[int]:
     """Yield sampled token ids, at most `max_tokens` of them (the caller decides when to stop)."""
-    if not prompt:
-        raise MlxLlamaError("the prompt is empty (no tokens to start from)")
     sample = make_sampler(params)
     cache = cache if cache is not None else model.make_cache()
     n_hist = params.repeat_last_n if params.repeat_penalty != 1.0 else 0
@@ -84,6 +84,84 @@ def generate_tokens(
             y = next_y
 
 
+class StopStrings:
+    """Cuts the text at the first stop string; holds back text that may be a stop string's start."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Add generated text; return (text safe to show, whether a stop string was reached)."""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_tokens(
+    model: Model,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    max_tokens: int,
+    *,
+    params: SamplingParams,
+    cache,
+    stats: GenerationStats,
+    stop_ids: set[int] | None = None,
+    stop_strings=(),
+) -> Iterator[str]:
+    """The generation loop behind `stream_generate` and chat sessions.
+
+    ids: the tokens to prefill, after the `cache.offset` tokens the cache already holds.
+    Yields text; stops at an end-of-generation token (`stop_ids`, default the tokenizer's), a stop
+    string (not shown), `max_tokens`, or the context length. `stats.sampled` gets every sampled
+    token (the stop token included), so callers can tell which tokens the cache holds.
+    """
+    context = model.config.context_length
+    held = cache[0].offset if cache else 0
+    if held + len(ids) >= context:
+        raise MlxLlamaError(f"the prompt has {held + len(ids)} tokens, more than the model's context of {context}")
+    room = context - held - len(ids)
+    stopped_by_context = max_tokens >= room
+    max_tokens = min(max_tokens, room)
+    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
+    stats.prompt_tokens, stats.cached_tokens = len(ids), held
+    stats.finish_reason = "context" if stopped_by_context else "length"
+    detok, stops = tokenizer.detokenizer(), StopStrings(stop_strings)
+    t0 = time.perf_counter()
+    for token in generate_tokens(model, ids, params, max_tokens, cache=cache):
+        now = time.perf_counter()
+        if not stats.sampled:
+            stats.prompt_seconds = now - t0
+        else:
+            stats.generation_seconds = now - t0 - stats.prompt_seconds
+        stats.sampled.append(token)
+        if token in stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.generated_tokens += 1
+        stats.tokens.append(token)
+        text, stopped = stops.push(detok.add(token))
+        if text:
+            yield text
+        if stopped:
+            stats.finish_reason = "stop"
+            return
+    text, stopped = stops.push(detok.finalize())
+    text += "" if stopped else stops.flush()
+    if text:
+        yield text
+
+
 def stream_generate(
     model: Model,
     tokenizer: Tokenizer,
@@ -92,44 +170,25 @@ def stream_generate(
     *,
     stats: GenerationStats | None = None,
     parse_special: bool = True,
+    stop: tuple[str, ...] | list[str] = (),
+    stop_ids: set[int] | None = None,
     **sampling,
 ) -> Iterator[str]:
-    """Yield the generated text piece by piece, stopping at an end-of-generation token.
+    """Yield the generated text piece by piece.
 
     prompt: text (tokenized with BOS per the file and special tokens parsed, as llama.cpp's
-    completion mode does) or token ids. sampling: the fields of `SamplingParams`.
-    stats: filled in as generation goes (timings, token counts, finish reason).
+    completion mode does) or token ids. No chat template is applied here: see
+    `mlx_llama.chat` for that. stop: strings that end generation (not included in the text).
+    sampling: the fields of `SamplingParams`. stats: filled in as generation goes (timings,
+    token counts, finish reason: "stop", "length" or "context").
     """
-    stats = stats if stats is not None else GenerationStats()
-    params = SamplingParams(**sampling)
     ids = tokenizer.encode(prompt, add_special=True, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
-    context = model.config.context_length
-    if len(ids) >= context:
-        raise MlxLlamaError(f"the prompt has {len(ids)} tokens, more than the model's context of {context}")
-    room = context - len(ids)
-    stopped_by_context = max_tokens >= room
-    max_tokens = min(max_tokens, room)
-    stats.prompt_tokens = len(ids)
-    detok = tokenizer.detokenizer()
-    t0 = time.perf_counter()
-    stats.finish_reason = "context" if stopped_by_context else "length"
-    for token in generate_tokens(model, ids, params, max_tokens):
-        now = time.perf_counter()
-        if stats.generated_tokens == 0:
-            stats.prompt_seconds = now - t0
-        else:
-            stats.generation_seconds = now - t0 - stats.prompt_seconds
-        if token in tokenizer.stop_ids:
-            stats.finish_reason = "stop"
-            break
-        stats.generated_tokens += 1
-        stats.tokens.append(token)
-        piece = detok.add(token)
-        if piece:
-            yield piece
-    tail = detok.finalize()
-    if tail:
-        yield tail
+    if not ids:
+        raise MlxLlamaError("the prompt is empty (no tokens to start from)")
+    yield from stream_tokens(
+        model, tokenizer, ids, max_tokens, params=SamplingParams(**sampling), cache=model.make_cache(),
+        stats=stats if stats is not None else GenerationStats(), stop_ids=stop_ids, stop_strings=stop,
+    )
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:

@@ -79,6 +79,7 @@ def load(path, **kwargs) -> tuple[Model, Tokenizer]:
     """Load a Llama GGUF file: its model (see `load_model` for the options) and its tokenizer."""
     f = GGUFFile(path)
     tokenizer = Tokenizer.from_gguf(f)
+    tokenizer.metadata = f.metadata  # for the chat template and its special tokens
     model = load_model(f, **kwargs)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")

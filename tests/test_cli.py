@@ -69,3 +69,28 @@ def test_blas_line_and_switch(smollm2_path):
     if ctypes.util.find_library("openblas"):
         r = run_cli(*base)
         assert "BLAS: libopenblas.so.0 (preloaded)" in r.stderr, r.stderr
+
+
+def test_chat_mode_answers_once_wrapped_and_stops_at_end_of_turn(smollm2_path):
+    r = run_cli("generate", "What is the capital of Germany?", "--chat", "--temp", "0", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "Berlin" in r.stdout
+    assert "<|im_end|>" not in r.stdout and "<|im_start|>" not in r.stdout
+    assert "finish: stop" in r.stderr and "chat template:" in r.stderr and "time to first token" in r.stderr
+
+
+def test_templated_prompt_is_not_wrapped_twice(smollm2_path):
+    prompt = "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
+    warned = run_cli("generate", prompt, "--chat", "--temp", "0", "-n", "12")
+    assert "already contains the chat template's markers" in warned.stderr
+    raw = run_cli("generate", prompt, "--temp", "0", "-n", "12")
+    assert "warning" not in raw.stderr
+    assert warned.stdout == raw.stdout  # sent as it is, not wrapped again
+
+
+def test_stop_strings_and_template_errors(smollm2_path):
+    r = run_cli("generate", "Count: one, two,", "--temp", "0", "-n", "40", "--stop", "five")
+    assert r.returncode == 0 and "finish: stop" in r.stderr
+    assert r.stdout == " three, four, \n"  # the text before the stop string; "five" not printed
+    bad = CliRunner().invoke(main, ["generate", "-m", str(smollm2_path), "hi", "--chat-template", "nope"])
+    assert bad.exit_code == 2 and "unknown chat template 'nope'" in bad.output
