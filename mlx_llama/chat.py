@@ -59,7 +59,8 @@ class ChatSession:
         started = False
         try:
             for piece in stream_tokens(self.model, self.tokenizer, ids[keep:], max_tokens, params=self.params,
-                                       cache=self.cache, stats=stats, stop_ids=self.stop_ids, stop_strings=self.stop_strings):
+                                       cache=self.cache, stats=stats, stop_ids=self.stop_ids, stop_strings=self.stop_strings,
+                                       past=ids[:keep]):
                 started = True
                 reply.append(piece)
                 yield piece

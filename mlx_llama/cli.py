@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import resource
 import sys
 import time
@@ -93,6 +94,9 @@ def sampling_options(f):
         click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p filter; 0 is off."),
         click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Repetition penalty; 1 is off."),
         click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the penalties look back over (prompt included)."),
+        click.option("--frequency-penalty", default=0.0, show_default=True, type=float, help="Subtracted from a token's logit per occurrence in the last --repeat-last-n tokens; 0 is off."),
+        click.option("--presence-penalty", default=0.0, show_default=True, type=float, help="Subtracted once if the token occurs in the last --repeat-last-n tokens; 0 is off."),
+        click.option("--logit-bias", "-l", multiple=True, metavar="TOKEN(+|-)BIAS", help="Add BIAS to TOKEN's logit, as llama.cpp: 15043+1; 15043-inf bans (repeatable)."),
         click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling."),
         click.option("--stop", multiple=True, help="Stop when this text is generated (repeatable); it is not printed."),
     ]
@@ -104,8 +108,23 @@ def sampling_options(f):
 def sampling_params(kw: dict):
     from .sample import SamplingParams
 
-    names = ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
-    return SamplingParams(**{n: kw.pop(n) for n in names})
+    names = ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty", "presence_penalty", "seed")
+    return SamplingParams(**{n: kw.pop(n) for n in names}, logit_bias=parse_logit_bias(kw.pop("logit_bias")))
+
+
+def parse_logit_bias(specs) -> dict[int, float]:
+    """llama.cpp's --logit-bias syntax: TOKEN, then + or -, then a float (inf included)."""
+    out = {}
+    for spec in specs:
+        m = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(\S+)\s*", spec)
+        try:
+            value = float(m.group(3)) if m else None
+        except ValueError:
+            value = None
+        if value is None:
+            fail(f"--logit-bias {spec!r}: expected TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)")
+        out[int(m.group(1))] = value if m.group(2) == "+" else -value
+    return out
 
 
 def template_options(f):

@@ -59,12 +59,16 @@ def generate_tokens(
     params: SamplingParams,
     max_tokens: int,
     cache=None,
+    past: list[int] = (),
 ) -> Iterator[int]:
-    """Yield sampled token ids, at most `max_tokens` of them (the caller decides when to stop)."""
+    """Yield sampled token ids, at most `max_tokens` of them (the caller decides when to stop).
+
+    past: tokens the cache already holds before `prompt`, seen by the penalties (as llama.cpp's
+    penalties see the whole session)."""
     sample = make_sampler(params)
     cache = cache if cache is not None else model.make_cache()
-    n_hist = params.repeat_last_n if params.repeat_penalty != 1.0 else 0
-    history = mx.array(prompt[-n_hist:] if n_hist else [], mx.int32)
+    n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
+    history = mx.array((list(past) + list(prompt))[-n_hist:] if n_hist else [], mx.int32)
 
     def step(logits: mx.array) -> mx.array:
         nonlocal history
@@ -118,6 +122,7 @@ def stream_tokens(
     stats: GenerationStats,
     stop_ids: set[int] | None = None,
     stop_strings=(),
+    past: list[int] = (),
 ) -> Iterator[str]:
     """The generation loop behind `stream_generate` and chat sessions.
 
@@ -138,7 +143,7 @@ def stream_tokens(
     stats.finish_reason = "context" if stopped_by_context else "length"
     detok, stops = tokenizer.detokenizer(), StopStrings(stop_strings)
     t0 = time.perf_counter()
-    for token in generate_tokens(model, ids, params, max_tokens, cache=cache):
+    for token in generate_tokens(model, ids, params, max_tokens, cache=cache, past=past):
         now = time.perf_counter()
         if not stats.sampled:
             stats.prompt_seconds = now - t0

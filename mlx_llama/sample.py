@@ -12,8 +12,9 @@ probabilities before the temperature. Temperature ≤ 0 is greedy: the most like
 the bias and the penalties (llama.cpp keeps only the top logit at that point; the filters
 before it never remove the top token).
 
-`make_sampler` compiles the whole chain for one `SamplingParams` with `mx.compile` (the
-parameters are closed over, so it is traced once per sampler and logits shape).
+`make_sampler` compiles the whole chain for one `SamplingParams` with `mx.compile`: which steps
+run and top-k are closed over, the float parameters are passed in as arrays, and a history
+shorter than `repeat_last_n` is padded, so the chain is traced once per sampler and vocabulary.
 """
 
 from __future__ import annotations
@@ -118,9 +119,10 @@ def _k_largest(x: mx.array, k: int) -> mx.array:
     block = max((b for b in range(1, int(math.sqrt(n / k)) + 1) if n % b == 0), default=1)
     if block < 4:
         return mx.argpartition(-x, k - 1)[:k]
-    blocks = x.reshape(n // block, block)
-    best = mx.argpartition(-blocks.max(axis=1), k - 1)[:k]
-    ids = (best[:, None] * block + mx.arange(block)).reshape(-1)
+    best = mx.argpartition(-x.reshape(-1, block).max(axis=1), k - 1)[:k]
+    # the token ids of those blocks, from a constant table rather than `best * block`: a Python
+    # number in the graph would be written into the C++ of a fused kernel, one build per block size
+    ids = mx.array(np.arange(n, dtype=np.uint32).reshape(-1, block))[best].reshape(-1)
     return ids[mx.argpartition(-x[ids], k - 1)[:k]]
 
 

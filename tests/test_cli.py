@@ -94,3 +94,17 @@ def test_stop_strings_and_template_errors(smollm2_path):
     assert r.stdout == " three, four, \n"  # the text before the stop string; "five" not printed
     bad = CliRunner().invoke(main, ["generate", "-m", str(smollm2_path), "hi", "--chat-template", "nope"])
     assert bad.exit_code == 2 and "unknown chat template 'nope'" in bad.output
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(smollm2_path):
+    runner = CliRunner()
+    base = ["generate", "-m", str(smollm2_path), "Once upon a time", "-n", "20", "--temp", "0"]
+    plain = runner.invoke(main, base)
+    penalized = runner.invoke(main, base + ["--frequency-penalty", "1.5"])
+    assert plain.exit_code == penalized.exit_code == 0
+    assert plain.stdout != penalized.stdout
+    first = mlx_llama.load(smollm2_path)[1].encode(plain.stdout)[0]
+    banned = runner.invoke(main, base + ["-l", f"{first}-inf"])
+    assert banned.exit_code == 0 and banned.stdout != plain.stdout
+    bad = runner.invoke(main, base + ["-l", "abc"])
+    assert bad.exit_code == 2 and "expected TOKEN_ID+BIAS" in bad.output
