@@ -141,7 +141,8 @@ def stream_tokens(
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     stats.prompt_tokens, stats.cached_tokens = len(ids), held
     stats.finish_reason = "context" if stopped_by_context else "length"
-    detok, stops = tokenizer.detokenizer(), StopStrings(stop_strings)
+    # continuation: a SentencePiece first token keeps its leading space, as llama.cpp prints it after a prompt
+    detok, stops = tokenizer.detokenizer(continuation=True), StopStrings(stop_strings)
     t0 = time.perf_counter()
     for token in generate_tokens(model, ids, params, max_tokens, cache=cache, past=past):
         now = time.perf_counter()

@@ -21,6 +21,7 @@ import codecs
 import re
 import struct
 from dataclasses import dataclass
+from itertools import chain
 
 from .gguf_file import GGUFError
 
@@ -669,9 +670,14 @@ class Tokenizer:
         text = b"".join(pieces).decode("utf-8", "replace")
         return _clean_spaces(text) if self.clean_spaces else text
 
-    def detokenizer(self, special: bool = False) -> StreamingDetokenizer:
-        """A streaming decoder: feed ids one at a time, get text as soon as it is complete."""
-        return StreamingDetokenizer(self, special)
+    def detokenizer(self, special: bool = False, continuation: bool = False) -> StreamingDetokenizer:
+        """A streaming decoder: feed ids one at a time, get text as soon as it is complete.
+
+        continuation: the ids continue earlier text (generated after a prompt), so the first
+        token keeps its SentencePiece space, as in llama.cpp's printed output (each token's
+        `token_to_piece`); by default the pieces concatenate to `decode(ids)`.
+        """
+        return StreamingDetokenizer(self, special, continuation)
 
 
 def _trie_regex(words: list[str]) -> str:
@@ -716,13 +722,14 @@ class StreamingDetokenizer:
     Bytes go through an incremental UTF-8 decoder, so an unfinished multi-byte character is
     held back until its last byte arrives; the space clean-up (when the vocabulary uses it)
     holds back the few characters whose fate depends on what follows. Each token costs O(its
-    length), and the concatenation of everything returned equals `decode(ids)`.
+    length), and the concatenation of everything returned equals `decode(ids)` (with
+    `continuation`: the text `decode` gives these ids after a prefix, less the prefix's text).
     """
 
-    def __init__(self, tokenizer: Tokenizer, special: bool = False):
+    def __init__(self, tokenizer: Tokenizer, special: bool = False, continuation: bool = False):
         self._tok = tokenizer
         self._special = special
-        self._strip_space = tokenizer.add_space_prefix  # only the very first token's
+        self._strip_space = tokenizer.add_space_prefix and not continuation  # only the first token's
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._clean = _SpaceCleaner() if tokenizer.clean_spaces else None
 
@@ -882,20 +889,19 @@ class _BPE:
     def encode(self, texts: list[str]) -> list[list[int]]:
         cache = self._cache
         if len(cache) > _WORD_CACHE_SIZE:
-            cache.clear()
+            self._cache = cache = {}  # a new dict: another thread may still be reading the old one
+        get, merge = cache.get, self._merge
         out = []
         for text in texts:
-            words = self.words(text)
-            for w in words:
-                if w not in cache:
-                    cache[w] = self._merge(w)
-            out.append([i for w in words for i in cache[w]])
+            ids = [get(w) or merge(w) for w in self.words(text)]
+            out.append(list(chain.from_iterable(ids)))
         return out
 
     def _merge(self, word: str) -> list[int]:
         chars = word.encode().decode("latin-1").translate(_BYTE_LEVEL)
         n = self._n_vocab
-        return [t.id for t in self._model.tokenize(chars) if t.id < n]  # drop placeholder ids
+        ids = self._cache[word] = [t.id for t in self._model.tokenize(chars) if t.id < n]  # no placeholders
+        return ids
 
 
 def _build_spm(path: str, texts: list[str], scores, attrs: list, unk_id, add_space_prefix: bool):

@@ -6,6 +6,12 @@
 * llama.cpp's own tokenizer test files (models/ggml-vocab-*.gguf + .inp/.out, fetched into
   tests/.cache/vocab/ by scripts/fetch_vocab_tests.sh) for every vocabulary we support, plus
   a differential run on a few of those vocabularies (SentencePiece included).
+* Special tokens: every token's attributes, the role ids and BOS/EOS flags as llama.cpp has
+  them; overlapping special tokens (appended to a vocabulary written to a new GGUF) cut out
+  longest first; `</s>` in a raw SPM prompt.
+* The streaming detokenizer: linear time, whole characters, continuation after a prompt.
+
+The large differential run (thousands of strings per vocabulary) is tests/test_tokenizer_differential.py.
 """
 
 from __future__ import annotations
@@ -186,9 +192,13 @@ class FastGGUFMetadata:
         n_kv = struct.unpack_from("<Q", buf, 16)[0]
         self._off = 24
         self.metadata = {}
+        self.types = {}  # key → (GGUF value type, item type of an array or None)
         for _ in range(n_kv):
             key = self._str()
-            self.metadata[key] = self._value(self._unpack("<I"))
+            t = self._unpack("<I")
+            item_type = struct.unpack_from("<I", buf, self._off)[0] if t == 9 else None
+            self.types[key] = (t, item_type)
+            self.metadata[key] = self._value(t)
 
     def _unpack(self, fmt: str):
         v = struct.unpack_from(fmt, self._buf, self._off)[0]
@@ -483,3 +493,228 @@ def test_spm_space_handling():
 def test_unsupported_llama_cpp_vocab_is_a_gguf_error():
     with pytest.raises(GGUFError, match="unsupported tokenizer model 'bert'"):
         Tokenizer.from_gguf(FastGGUFMetadata(vocab_path("bert-bge")))
+
+
+# ---------------------------------------------------------------------------------------------
+# special tokens against llama.cpp: roles, attributes, overlapping tokens, BOS/EOS flags
+# ---------------------------------------------------------------------------------------------
+
+
+def write_vocab_gguf(path: Path, meta: FastGGUFMetadata, changes: dict) -> Path:
+    """A vocabulary-only GGUF with `meta`'s keys (their original types) updated by `changes`."""
+    import gguf
+
+    V = gguf.GGUFValueType
+    md = {**meta.metadata, **changes}
+    w = gguf.GGUFWriter(str(path), md["general.architecture"])
+    for key, value in md.items():
+        if key == "general.architecture":
+            continue
+        if key in meta.types:
+            t, item = meta.types[key]
+            w.add_key_value(key, value, V(t), sub_type=None if item is None else V(item))
+        else:  # a new key: booleans and uint32 token ids are all we add
+            w.add_key_value(key, value, V.BOOL if isinstance(value, bool) else V.UINT32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("name", ["smollm2", *SUPPORTED_VOCAB_TESTS])
+def test_special_tokens_match_llama_cpp(name, smollm2_path):
+    """Every token's attributes (control, user-defined, unknown, byte, rstrip ...), the role ids
+    and the end-of-generation set are llama.cpp's."""
+    path = smollm2_path if name == "smollm2" else vocab_path(name)
+    ref = LlamaCppVocab(path)
+    tok = Tokenizer.from_gguf(FastGGUFMetadata(path))
+    attrs = [ref.lib.llama_vocab_get_attr(ref.vocab, i) for i in range(ref.n_vocab)]
+    assert tok._attr == attrs
+    assert tok.stop_ids == ref.eog_ids()
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref.role("bos"), ref.role("eos"), ref.role("pad"))
+    add_bos, add_eos = ref.lib.llama_vocab_get_add_bos(ref.vocab), ref.lib.llama_vocab_get_add_eos(ref.vocab)
+    assert (tok.add_bos, tok.add_eos) == (add_bos, add_eos)
+    # Where several texts could be the EOT token llama.cpp takes the first its hash map yields
+    # (so it varies with the C++ library); ours follows a fixed priority among the same texts.
+    if ref.role("eot") is None:
+        assert tok.eot_id is None
+    else:
+        assert tok.eot_id == ref.role("eot") or tok.eot_id in ref.eog_ids()
+
+
+# Appended to a vocabulary: special tokens that contain, overlap and prefix each other.
+EXTRA_SPECIALS = [
+    ("<|a|>", 3), ("<|a|><|b|>", 3), ("|><|", 3), ("<|ab", 3), ("<|a", 3), ("<|eom_id|>", 3),
+    ("<|b|>", 4), ("a|><", 4), ("b|>", 4), ("qzq", 4), (" y ", 4),
+]  # texts that are not in the vocabularies already (llama.cpp requires unique texts)
+_PIECES = ["<|a|>", "<|b|>", "<|a|><|b|>", "<|", "|>", "<", ">", "a", "b", "q", "z", "y", " ", "  ", "\n", "|><|",
+           "<|ab", "qzq", "hello", "<|eom_id|>", "</s>", "<s>", "<|endoftext|>"]
+
+
+@pytest.fixture(scope="module", params=["llama-spm", "gpt-2"])
+def extended_vocab(request, tmp_path_factory):
+    """(name, our Tokenizer, llama.cpp's, texts of the added tokens) of a vocabulary with
+    EXTRA_SPECIALS appended, and add_bos / add_eos flipped from what the file says."""
+    name = request.param
+    meta = FastGGUFMetadata(vocab_path(name))
+    md = meta.metadata
+    changes = {
+        "tokenizer.ggml.tokens": list(md["tokenizer.ggml.tokens"]) + [t for t, _ in EXTRA_SPECIALS],
+        "tokenizer.ggml.token_type": list(md["tokenizer.ggml.token_type"]) + [k for _, k in EXTRA_SPECIALS],
+        "tokenizer.ggml.add_bos_token": not md.get("tokenizer.ggml.add_bos_token", name != "gpt-2"),
+        "tokenizer.ggml.add_eos_token": True,
+    }
+    if "tokenizer.ggml.scores" in md:
+        changes["tokenizer.ggml.scores"] = list(md["tokenizer.ggml.scores"]) + [0.0] * len(EXTRA_SPECIALS)
+    path = write_vocab_gguf(tmp_path_factory.mktemp("vocab") / f"{name}-extended.gguf", meta, changes)
+    ref = LlamaCppVocab(path)
+    new_meta = FastGGUFMetadata(path)
+    return name, Tokenizer.from_gguf(new_meta), ref
+
+
+def report(capsys, line: str) -> None:
+    """Print `line` to the terminal even while pytest captures output (the counts a test ran)."""
+    with capsys.disabled():
+        print(f"\n  {line}", end="")
+
+
+def test_overlapping_special_tokens_match_llama_cpp(extended_vocab, capsys):
+    """Longest special token first, each one cut out everywhere before the next is tried."""
+    name, tok, ref = extended_vocab
+    n0 = tok.vocab_size - len(EXTRA_SPECIALS)
+    ids = {t: n0 + k for k, (t, _) in enumerate(EXTRA_SPECIALS)}
+    # the flags come from the metadata, both for llama.cpp and for us
+    add_bos, add_eos = ref.lib.llama_vocab_get_add_bos(ref.vocab), ref.lib.llama_vocab_get_add_eos(ref.vocab)
+    assert (tok.add_bos, tok.add_eos) == (add_bos, add_eos) == (name == "gpt-2", True)
+    # "<|eom_id|>" is found by its text, like llama.cpp, and ends generation
+    assert tok.eom_id == ids["<|eom_id|>"] and tok.eom_id in tok.stop_ids == ref.eog_ids()
+    assert tok._attr == [ref.lib.llama_vocab_get_attr(ref.vocab, i) for i in range(ref.n_vocab)]
+
+    # hand-checked cases: the longest token wins, control tokens only with parse_special
+    assert tok.encode("<|a|><|b|>", add_special=False, parse_special=True) == [ids["<|a|><|b|>"]]
+    assert tok.encode("<|a|><|b|>|><|", add_special=False, parse_special=True) == [ids["<|a|><|b|>"], ids["|><|"]]
+    # without parse_special only user-defined tokens count; the longer "<|b|>" is cut out before
+    # "a|><", although "a|><" starts further left and overlaps it
+    assert tok.encode("<|a|><|b|>", add_special=False) == tok.encode("<|a|>", add_special=False) + [ids["<|b|>"]]
+    assert tok.encode("<|a|><|c", add_special=False)[-3:-1] == [ids["a|><"]] + tok.encode("|c", add_special=False)[:1]
+
+    rng = random.Random(5)
+    strings = ["".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 12))) for _ in range(1500)]
+    bad, n = [], 0
+    for s in strings:
+        for add_special in (False, True):
+            for parse_special in (False, True):
+                n += 1
+                ours, theirs = tok.encode(s, add_special, parse_special), ref.tokenize(s, add_special, parse_special)
+                if ours != theirs:
+                    bad.append((s, add_special, parse_special, ours, theirs))
+    report(capsys, f"{name} + overlapping special tokens: {len(strings)} strings x 4 flag combos = {n}, "
+                   f"{len(bad)} mismatches")
+    assert not bad, f"{len(bad)}/{n} differ from llama.cpp, first: {bad[:3]}"
+    # and back
+    for s in strings[:300]:
+        ids_ = ref.tokenize(s, True, True)
+        for special in (False, True):
+            assert tok.decode(ids_, special) == ref.detokenize(ids_, special)
+
+
+def test_spm_raw_prompt_parses_eos():
+    """A raw (Phi-3 style) prompt on the SPM vocabulary: with parse_special `</s>` is the EOS id."""
+    tok = vocab_tokenizer("llama-spm")
+    ref = LlamaCppVocab(vocab_path("llama-spm"))
+    prompt = "<|user|>\nHi</s>\n<|assistant|>\n"
+    ids = tok.encode(prompt, parse_special=True)
+    assert ids == ref.tokenize(prompt, True, True)
+    eos_at = ids.index(tok.eos_id)
+    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1
+    assert tok.decode(ids[1:eos_at]) == "<|user|>\nHi"  # text before it; "<|user|>" is plain text here
+    assert ids[eos_at + 1:] == tok.encode("\n<|assistant|>\n", add_special=False)  # new fragment, new "▁"
+    # without parse_special "</s>" is just characters
+    plain = tok.encode(prompt)
+    assert tok.eos_id not in plain and plain == ref.tokenize(prompt, True, False)
+    assert tok.decode(plain[1:]) == prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming detokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _paragraph_ids(tok: Tokenizer) -> list[int]:
+    text = ("Once upon a time, a llama 🦙 named Ōkami wrote 日本語 and Ελληνικά. \"It's fine ,\" she said ! "
+            "Numbers: 3.14159, 2718281828.\n\t    indented code()\n")
+    return tok.encode(text, add_special=False)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-spm", "gpt-2"])
+def test_streaming_detokenizer_is_linear(name, smollm2_path):
+    """Streaming 4n tokens (n ≈ 5,000) takes about 4x as long as n (generous bound: < 10x),
+    each token is rendered once, and the pieces concatenate to decode()."""
+    import time
+
+    tok = Tokenizer.from_gguf(FastGGUFMetadata(smollm2_path)) if name == "smollm2" else vocab_tokenizer(name)
+    paragraph = _paragraph_ids(tok)
+    reps = -(-5_000 // len(paragraph))
+    ids = paragraph * (4 * reps)
+    assert len(ids) >= 20_000
+
+    def stream(seq):
+        detok = tok.detokenizer()
+        return [detok.add(i) for i in seq] + [detok.finalize()]
+
+    def best_time(seq):
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            stream(seq)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    small, large = best_time(ids[:len(ids) // 4]), best_time(ids)
+    assert large < 10 * small, f"{len(ids) // 4} tokens: {small:.3f}s, {len(ids)} tokens: {large:.3f}s"
+
+    calls = []
+    render = tok.token_to_piece
+    tok.token_to_piece = lambda i, special=False: calls.append(i) or render(i, special)
+    try:
+        pieces = stream(ids)
+    finally:
+        del tok.token_to_piece
+    assert calls == ids
+    assert "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_streaming_detokenizer_emits_complete_characters():
+    """Byte-fallback tokens (SPM) are held back until their character is complete; the
+    SentencePiece prefix space of the first token is dropped, later ones are kept."""
+    tok = vocab_tokenizer("llama-spm")
+    llama = tok.encode("🦙", add_special=False)  # "▁" then four <0xXX> byte tokens
+    assert len(llama) == 5
+    detok = tok.detokenizer()
+    assert [detok.add(i) for i in llama] == ["", "", "", "", "🦙"]
+    hello, world = tok.encode("Hello world", add_special=False)
+    detok = tok.detokenizer()
+    assert [detok.add(hello), detok.add(world), detok.finalize()] == ["Hello", " world", ""]
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "qwen2"])
+def test_streaming_continuation_keeps_the_first_space(name):
+    """Tokens generated after a prompt stream as the text they add to it: the first one keeps
+    its SentencePiece space (llama.cpp prints each generated token's piece as is)."""
+    tok = vocab_tokenizer(name)
+    ref = LlamaCppVocab(vocab_path(name))
+    text = "The capital of France is Paris, of course. 日本語 🦙 and so on."
+    full = tok.encode(text)
+    for k in range(1, len(full)):
+        detok = tok.detokenizer(continuation=True)
+        streamed = "".join([detok.add(i) for i in full[k:]] + [detok.finalize()])
+        prefix = ref.detokenize(full[:k], False)
+        if "\ufffd" in prefix:  # the prompt ends inside a character
+            continue
+        assert streamed == ref.detokenize(full, False)[len(prefix):] == tok.decode(full)[len(tok.decode(full[:k])):]
+    if name == "llama-spm":
+        paris = tok.encode("Paris", add_special=False)
+        assert "".join(tok.detokenizer(continuation=True).add(i) for i in paris) == " Paris"
+        assert "".join(tok.detokenizer().add(i) for i in paris) == "Paris"

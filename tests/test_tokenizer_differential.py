@@ -11,8 +11,11 @@ whitespace runs, many scripts, emoji, random code points and look-alikes of spec
 * round-tripped: `decode(encode(s)) == s` exactly where llama.cpp's own round trip holds.
 
 Each test prints what it ran (strings × combinations, mismatches). The vocabularies are
-llama.cpp's test files (tests/.cache/vocab/, from scripts/fetch_vocab_tests.sh) and SmolLM2.
-MLX_LLAMA_TOKENIZER_STRINGS=N changes the number of strings per vocabulary.
+SmolLM2 and llama.cpp's test files (tests/.cache/vocab/, from scripts/fetch_vocab_tests.sh):
+VOCABS get MLX_LLAMA_TOKENIZER_STRINGS strings each (default 2000), EXTRA_VOCABS
+MLX_LLAMA_TOKENIZER_EXTRA_STRINGS (default 500, to keep this file under a minute; all of them
+pass at 2000 too). test_unicode_tables_are_llama_cpp_s checks the character tables the
+pre-tokenizer regexes are built from against the ones compiled into llama.cpp's library.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_tokenizer import FastGGUFMetadata, LlamaCppVocab, vocab_path
+from test_tokenizer import FastGGUFMetadata, LlamaCppVocab, report, vocab_path
 
 from mlx_llama.tokenizer import _UNICODE_RANGES, _WHITESPACE, Attr, Tokenizer
 
@@ -183,11 +186,6 @@ def vocabs(request):
         return cache[name]
 
     return get
-
-
-def report(capsys, line: str) -> None:
-    with capsys.disabled():
-        print(f"\n  {line}", end="")
 
 
 # ---------------------------------------------------------------------------------------------
