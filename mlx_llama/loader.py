@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from .gguf_file import GGUFError, GGUFFile, ModelConfig
 from .model import Model, module_path
-from .quants import Affine, decode_tensor
+from .quants import FORMATS, Affine, decode_tensor
 from .tokenizer import Tokenizer
 
 # The CPU-mode rule: on the CPU, expand quantized weights to float32 (so every matmul goes through
@@ -118,20 +118,27 @@ def load_model(
     weights, quantized = [], {}
     show = progress if progress is not None else (f.file_size > 2**30 and sys.stderr.isatty())
     bar = _Progress(sum(f.tensors[n].data.nbytes for n in shapes), show)
+    # Quantized types with no exact affine form (Q2_K, Q6_K) decode to dense arrays: exact float32
+    # when the weights are expanded anyway, float16 (each weight rounded once) in the compact form.
+    subblock_dtype = dtype if cpu_dequantize else mx.float16
     for name in shapes:
         t = f.tensors[name]
-        decoded = decode_tensor(f.path, t)
+        decoded = decode_tensor(f.path, t, dense_dtype=subblock_dtype)
         key = module_path(name)
         if isinstance(decoded, Affine) and not cpu_dequantize:
             quantized[key.rsplit(".", 1)[0]] = {"group_size": decoded.group_size, "bits": decoded.bits}
             weights += [(key, decoded.weight), (key[: -len("weight")] + "scales", decoded.scales),
                         (key[: -len("weight")] + "biases", decoded.biases)]
+        elif isinstance(decoded, Affine):
+            weights.append((key, decoded.dequantize(dtype)))
+        elif FORMATS[t.ggml_type].block_size > 1:  # Q2_K/Q6_K, already in subblock_dtype
+            weights.append((key, decoded.weight))
         else:
-            w = decoded.dequantize(dtype) if isinstance(decoded, Affine) else decoded.weight.astype(dtype)
-            weights.append((key, w))
+            weights.append((key, decoded.weight.astype(dtype)))
         mx.eval([w for _, w in weights[-3:]])  # materialise tensor by tensor: bounded peak memory
         bar.advance(t.data.nbytes)
     bar.close()
+    mx.clear_cache()  # return the decoding scratch buffers
 
     if quantized:
         nn.quantize(model, class_predicate=lambda p, m: quantized.get(p, False))

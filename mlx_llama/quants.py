@@ -12,10 +12,16 @@ How exact each form is (checked against `gguf.quants.dequantize` in `tests/test_
   `mx.dequantize` in float32 gives bit for bit what gguf gives.
 * scale rounded to float16 — Q4_K, Q5_K, IQ4_XS: the effective scale is d·sc (float16 times a
   6-bit integer, up to 17 significant bits), which MLX's float16 scales round to 11 bits:
-  |Δw| ≤ 2⁻¹¹·(|d·sc·q| + |dmin·m|) (Q4_K/Q5_K), |Δw| ≤ 2⁻¹¹·|w| (IQ4_XS, no zero point).
-* dense float16 — Q2_K, Q6_K scale every 16 weights, MLX every ≥ 32 (16 is rejected), so no
-  affine form is exact; the weights are stored dense, each the float16 rounding of gguf's value.
+  |Δw| ≤ 2⁻¹¹·(|d·sc|·q + |dmin·m|) (Q4_K/Q5_K), |Δw| ≤ 2⁻¹¹·|w| (IQ4_XS, no zero point).
+* dense — Q2_K, Q6_K scale every 16 weights, MLX every ≥ 32 (16 is rejected), so no affine
+  form is exact; the weights are stored dense: float16 by default, each gguf's value rounded once
+  (float32 and exact with `decode_tensor(..., dense_dtype=mx.float32)`).
   `use_lossy_subblock16(bits)` switches them to a smaller, re-quantized (lossy) affine form.
+
+`Affine.dequantize` is exact for every affine type: where the float16 scales are rounded, the
+decoder also hands over gguf's float32 scales (`Affine.exact`), so the CPU path that expands
+weights to float32 at load gets gguf's values bit for bit; only the kept-quantized form carries
+the float16 rounding.
 
 Adding a type is adding a decoder and a row to `FORMATS`. A decoder takes the blocks of some
 rows, `(rows, n_blocks, type_size)` uint8, and is vectorized numpy; `decode_tensor` hands it
@@ -53,11 +59,24 @@ class Affine:
     biases: mx.array  # (rows, cols / group_size) float16
     bits: int
     group_size: int
+    # Where the float16 scales round gguf's (Q4_K, Q5_K, IQ4_XS): float32 (scales, biases) and an
+    # integer zero point with gguf's w = scale·(q − zero) + bias, for `dequantize`. The quantized
+    # form (what the loader keeps unless it dequantizes) has only the float16 ones.
+    exact: tuple[mx.array, mx.array, int] | None = None
 
     def dequantize(self, dtype=mx.float32) -> mx.array:
-        # float16 scale × (≤ 8-bit q) needs ≤ 19 significant bits: exact in float32.
-        s, b = self.scales.astype(dtype), self.biases.astype(dtype)
-        return mx.dequantize(self.weight, s, b, group_size=self.group_size, bits=self.bits)
+        """The weights as gguf computes them (in float32), then cast to `dtype`."""
+        gs, bits = self.group_size, self.bits
+        if self.exact is None:
+            # float16 scale × (≤ 8-bit q) needs ≤ 19 significant bits: exact in float32.
+            s, b = self.scales.astype(mx.float32), self.biases.astype(mx.float32)
+            return mx.dequantize(self.weight, s, b, group_size=gs, bits=bits).astype(dtype)
+        s, b, zero = self.exact
+        unit = mx.ones(s.shape, mx.float32)
+        q = mx.dequantize(self.weight, unit, unit * -zero, group_size=gs, bits=bits)  # q − zero: exact integers
+        # (q − zero)·scale is exact (≤ 24 significant bits) and + bias rounds once, as in gguf.
+        w = q.reshape(*s.shape, gs) * s[..., None] + b[..., None]
+        return w.reshape(q.shape).astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -148,14 +167,18 @@ class _OutOfRange(ValueError):
     pass
 
 
-def _affine(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> Affine:
+def _affine(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, exact=None) -> Affine:
     """q: (rows, ..., weights) uint8; scales, biases: one per 32 weights, float16 or float32
-    (rounded to float16 here, the only rounding in any decoder)."""
+    (rounded to float16 here, the only rounding in any decoder — `exact` then keeps the float32
+    (scales, biases, zero) for `Affine.dequantize`)."""
     rows = q.shape[0]
     s, b = scales.reshape(rows, -1).astype(np.float16), biases.reshape(rows, -1).astype(np.float16)
     if not (np.isfinite(s).all() and np.isfinite(b).all()):
         raise _OutOfRange("block scale outside the float16 range")
-    return Affine(mx.array(_pack(q.reshape(rows, -1), bits)), mx.array(s), mx.array(b), bits, GROUP)
+    if exact is not None:
+        es, eb, zero = exact
+        exact = (mx.array(es.reshape(rows, -1).astype(np.float32)), mx.array(eb.reshape(rows, -1).astype(np.float32)), zero)
+    return Affine(mx.array(_pack(q.reshape(rows, -1), bits)), mx.array(s), mx.array(b), bits, GROUP, exact)
 
 
 # -- decoders: legacy 32-weight blocks ----------------------------------------------------------
@@ -203,12 +226,14 @@ def decode_iq4_nl(blocks):  # d: f16, qs: 16 bytes of 4-bit level indices (Q4_0 
 
 def decode_q4_k(blocks):
     # d, dmin: f16 | scales: 12 bytes (8 × 6-bit sc, 8 × 6-bit m) | qs: 128 bytes, 4-bit
-    # w = d·sc·q − dmin·m per 32 weights → scale d·sc, bias −dmin·m, rounded to float16.
+    # w = d·sc·q − dmin·m per 32 weights → scale d·sc, bias −dmin·m: float16 in the quantized
+    # form (d·sc has up to 17 significant bits, so it rounds), float32 in `exact`.
     d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]  # (rows, nb, 1)
     sc, m = _k_scales(blocks[..., 4:16])  # (rows, nb, 8)
     qs = blocks[..., 16:].reshape(*blocks.shape[:-1], 4, 1, 32)  # 4 × 32 bytes: sub-blocks 2j (low), 2j+1 (high)
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-2)  # (rows, nb, 4, 2, 32)
-    return _affine(q, d.astype(np.float32) * sc, -(dmin.astype(np.float32) * m), bits=4)
+    scale, bias = d.astype(np.float32) * sc, -(dmin.astype(np.float32) * m)  # exact in float32
+    return _affine(q, scale, bias, bits=4, exact=(scale, bias, 0))
 
 
 def decode_q5_k(blocks):
@@ -218,7 +243,8 @@ def decode_q5_k(blocks):
     qs = blocks[..., 48:].reshape(*blocks.shape[:-1], 4, 1, 32)
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(*blocks.shape[:-1], 256)
     q |= _bitplanes(blocks[..., 16:48]) << 4
-    return _affine(q, d.astype(np.float32) * sc, -(dmin.astype(np.float32) * m), bits=5)
+    scale, bias = d.astype(np.float32) * sc, -(dmin.astype(np.float32) * m)
+    return _affine(q, scale, bias, bits=5, exact=(scale, bias, 0))
 
 
 def decode_q3_k(blocks):
@@ -239,17 +265,20 @@ def decode_q3_k(blocks):
 
 def decode_iq4_xs(blocks):
     # d: f16 | scales_h: u16 (2 high bits per sub-block) | scales_l: 4 bytes (low nibbles) | qs: 128 bytes
-    # w = d·(ls − 32)·level per 32 weights → 8-bit levels + 128, scale d·(ls − 32) rounded to float16,
-    # bias −128·scale (exact in float16): each weight is off by its scale's rounding, ≤ 2⁻¹¹ relative.
+    # w = d·(ls − 32)·level per 32 weights → 8-bit levels + 128 (as IQ4_NL), scale d·(ls − 32):
+    # rounded to float16 in the quantized form, with bias −128·scale (exact in float16), so each
+    # weight is off by its scale's rounding, ≤ 2⁻¹¹ relative; float32 in `exact`.
     d = _f16(blocks, 0)[..., None]
     sh = np.ascontiguousarray(blocks[..., 2:4]).view("<u2")  # (rows, nb, 1)
     sl = blocks[..., 4:8]
     low = np.stack([sl & 15, sl >> 4], axis=-1).reshape(*sl.shape[:-1], 8)  # sub-block i: nibble i%2 of byte i//2
     high = (sh >> np.arange(0, 16, 2, dtype=np.uint16)) & 3
     ls = (low | (high << 4)).astype(np.int16) - 32  # (rows, nb, 8)
-    scale = (d.astype(np.float32) * ls).astype(np.float16)
+    exact = d.astype(np.float32) * ls  # (rows, nb, 8), exact in float32
+    scale = exact.astype(np.float16)
     qs = blocks[..., 8:].reshape(*blocks.shape[:-1], 8, 16)
-    return _affine(_IQ4_Q[_nibbles(qs)], scale, scale * np.float16(-128), bits=8)
+    return _affine(_IQ4_Q[_nibbles(qs)], scale, scale * np.float16(-128), bits=8,
+                   exact=(exact, np.zeros_like(exact), 128))
 
 
 # -- Q2_K and Q6_K: 16-weight sub-blocks, no exact affine form ----------------------------------
@@ -305,7 +334,7 @@ def _subblock16(values: Callable[[np.ndarray], np.ndarray], lossy_bits: int | No
         w = values(blocks)
         if lossy_bits is not None:
             return requantize(w, lossy_bits)
-        return Dense(mx.array(w.reshape(blocks.shape[0], -1).astype(np.float16)))
+        return Dense(mx.array(w.reshape(blocks.shape[0], -1)))  # float32; `decode_tensor` casts it
 
     return decode
 
@@ -314,7 +343,7 @@ def _subblock16_format(name: str, ggml_type: int, type_size: int, lossy_bits: in
     values = {Q2_K: q2_k_values, Q6_K: q6_k_values}[ggml_type]
     if lossy_bits is None:
         return Format(name, 256, type_size, _subblock16(values, None),
-                      "dense float16 (float16 rounding of each weight; 16-weight sub-blocks have no exact affine form)", 16)
+                      "dense float16 (each weight rounded once to float16: 16-weight sub-blocks have no exact affine form)", 16)
     return Format(name, 256, type_size, _subblock16(values, lossy_bits),
                   f"affine {lossy_bits}-bit, group 32, re-quantized (lossy: ≤ half a step + float16 rounding of the min)",
                   affine_bits_per_weight(lossy_bits))
@@ -335,7 +364,8 @@ def _dense(dtype: str) -> Callable[[np.ndarray], Dense]:
 
 
 _EXACT = "exact"
-_F16_SCALE = "scale d·sc rounded to float16"
+_K_SCALE = "float16 scale d·sc and bias −dmin·m rounded; exact when dequantized"
+_XS_SCALE = "float16 scale d·(ls − 32) rounded, ≤ 2⁻¹¹ relative; exact when dequantized"
 
 FORMATS: dict[int, Format] = {
     F32: Format("F32", 1, 4, _dense("<f4"), "dense float32 (exact)", 32),
@@ -349,10 +379,10 @@ FORMATS: dict[int, Format] = {
     IQ4_NL: Format("IQ4_NL", 32, 18, decode_iq4_nl, f"affine 8-bit, group 32 ({_EXACT})", affine_bits_per_weight(8)),
     Q2_K: _subblock16_format("Q2_K", Q2_K, 84, None),
     Q3_K: Format("Q3_K", 256, 110, decode_q3_k, f"affine 8-bit, group 32 ({_EXACT})", affine_bits_per_weight(8)),
-    Q4_K: Format("Q4_K", 256, 144, decode_q4_k, f"affine 4-bit, group 32 ({_F16_SCALE})", affine_bits_per_weight(4)),
-    Q5_K: Format("Q5_K", 256, 176, decode_q5_k, f"affine 5-bit, group 32 ({_F16_SCALE})", affine_bits_per_weight(5)),
+    Q4_K: Format("Q4_K", 256, 144, decode_q4_k, f"affine 4-bit, group 32 ({_K_SCALE})", affine_bits_per_weight(4)),
+    Q5_K: Format("Q5_K", 256, 176, decode_q5_k, f"affine 5-bit, group 32 ({_K_SCALE})", affine_bits_per_weight(5)),
     Q6_K: _subblock16_format("Q6_K", Q6_K, 210, None),
-    IQ4_XS: Format("IQ4_XS", 256, 136, decode_iq4_xs, f"affine 8-bit, group 32 ({_F16_SCALE})", affine_bits_per_weight(8)),
+    IQ4_XS: Format("IQ4_XS", 256, 136, decode_iq4_xs, f"affine 8-bit, group 32 ({_XS_SCALE})", affine_bits_per_weight(8)),
 }
 
 
@@ -363,7 +393,8 @@ def use_lossy_subblock16(bits: int | None) -> None:
     gguf's value. `bits` in {2, 3, 4, 5, 6, 8}: `bits`-bit affine, group 32, re-quantized by
     `requantize` — `bits` + 1 bits per weight, error ≤ half a step of each 32-weight group's range
     plus the float16 rounding of its minimum (e.g. 8 → 9 bpw, error ≈ (max − min) / 510 per group;
-    6 → 7 bpw, ≈ (max − min) / 126; Q6_K's own step is about (max − min) / 63).
+    6 → 7 bpw, ≈ (max − min) / 126; Q6_K's own step is about (max − min) / 63). On SmolLM2's
+    Q6_K file, 8 bits moves the logits by up to ~0.5 and 6 bits by ~2.8 (dense float16: 0.02).
     Affects tensors decoded afterwards (call before `mlx_llama.load`).
     """
     if bits is not None and bits not in (2, 3, 4, 5, 6, 8):
@@ -392,8 +423,11 @@ def _join(parts: list[Dense | Affine]) -> Dense | Affine:
     first = parts[0]
     if isinstance(first, Dense):
         return Dense(mx.concatenate([p.weight for p in parts]))
+    exact = None
+    if first.exact is not None:
+        exact = (mx.concatenate([p.exact[0] for p in parts]), mx.concatenate([p.exact[1] for p in parts]), first.exact[2])
     return Affine(*(mx.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")),
-                  first.bits, first.group_size)
+                  first.bits, first.group_size, exact)
 
 
 class _FilePages:
@@ -407,8 +441,11 @@ class _FilePages:
         while isinstance(base, np.ndarray):
             base = base.base
         if isinstance(base, mmap.mmap) and not a.flags.writeable and hasattr(mmap, "MADV_DONTNEED"):
-            self.map = base
-            self.start = np.frombuffer(base, np.uint8).ctypes.data
+            try:
+                self.start = np.frombuffer(base, np.uint8).ctypes.data
+                self.map = base
+            except (ValueError, TypeError):  # a closed or unusual mapping: leave it alone
+                pass
 
     def release(self, a: np.ndarray):
         if self.map is None:
@@ -424,8 +461,12 @@ class _FilePages:
                 self.map = None
 
 
-def decode_tensor(path: str, t: TensorInfo) -> Dense | Affine:
-    """Turn one memory-mapped GGUF tensor into MLX arrays, checking its size against its type."""
+def decode_tensor(path: str, t: TensorInfo, dense_dtype: mx.Dtype = mx.float16) -> Dense | Affine:
+    """Turn one memory-mapped GGUF tensor into MLX arrays, checking its size against its type.
+
+    Quantized types with no affine form (Q2_K, Q6_K) come out dense, in `dense_dtype`: float16 by
+    default (16 bits per weight, each weight rounded once), float32 for gguf's exact values.
+    """
     fmt = FORMATS.get(t.ggml_type)
     if fmt is None:
         supported = ", ".join(f.name for f in FORMATS.values())
@@ -446,11 +487,15 @@ def decode_tensor(path: str, t: TensorInfo) -> Dense | Affine:
     try:
         with np.errstate(over="ignore"):  # a scale overflowing float16 is caught by `_affine`
             for r in range(0, rows, step):
-                parts.append(fmt.decode(blocks[r : r + step]))
+                part = fmt.decode(blocks[r : r + step])
+                if isinstance(part, Dense) and fmt.block_size > 1:
+                    part.weight = part.weight.astype(dense_dtype)
+                    mx.eval(part.weight)  # now, so that only one chunk is ever held in float32
+                parts.append(part)
                 pages.release(blocks[r : r + step])
     except _OutOfRange as e:
         raise GGUFError(path, f"tensor {t.name!r}: {e}") from None
-    out = _join(parts)
+    out = _join(parts)  # lazy: the loader's mx.eval joins the pieces (briefly 2× this tensor's MLX size)
     if len(t.shape) == 1:  # vectors (norm weights) are stored as one row
         out.weight = out.weight.reshape(-1)
     return out

@@ -28,7 +28,7 @@ AFFINE = [t for t in QUANTIZED if t not in (T.Q2_K, T.Q6_K)]  # Q2_K, Q6_K: dens
 # Where each type keeps its float16 block scales (byte offsets), for building random blocks.
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0],
               T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_XS: [0]}
-EXACT = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.IQ4_NL}
+EXACT = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.IQ4_NL}  # float16 scales are gguf's
 
 
 def decode(qtype, blocks: np.ndarray, shape) -> Dense | Affine:
@@ -36,8 +36,15 @@ def decode(qtype, blocks: np.ndarray, shape) -> Dense | Affine:
 
 
 def as_numpy(decoded) -> np.ndarray:
+    """What the CPU path that expands weights at load gets: `Affine.dequantize()` / `Dense.weight`, in float32."""
     w = decoded.dequantize() if isinstance(decoded, Affine) else decoded.weight.astype(mx.float32)
     return np.array(w)
+
+
+def quantized_form(decoded: Affine) -> np.ndarray:
+    """What the kept-quantized model multiplies by: packed q with the float16 scales and biases."""
+    s, b = decoded.scales.astype(mx.float32), decoded.biases.astype(mx.float32)
+    return np.array(mx.dequantize(decoded.weight, s, b, group_size=decoded.group_size, bits=decoded.bits))
 
 
 def random_blocks(qtype, rows: int, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -52,40 +59,50 @@ def random_blocks(qtype, rows: int, n_blocks: int, seed: int = 0) -> np.ndarray:
     return b.reshape(rows, -1)
 
 
-def check_against_gguf(qtype, blocks: np.ndarray, shape, decoded=None):
-    """The MLX form's float32 values against gguf's, within the type's stated tolerance."""
+def check_against_gguf(qtype, blocks: np.ndarray, shape):
+    """The MLX forms' float32 values against gguf's, within the type's stated tolerance."""
     rows = shape[0]
-    decoded = decoded if decoded is not None else decode(qtype, blocks, shape)
-    ours = as_numpy(decoded).reshape(shape)
+    decoded = decode(qtype, blocks, shape)
     ref = gguf.quants.dequantize(blocks, qtype).reshape(shape)
-    if qtype in EXACT:
-        # 0: the GGUF float16 scale is stored as is (negated, or times a power of two for the zero
-        # point) and scale·q + bias needs ≤ 19 significant bits, exact in float32 — gguf computes
-        # the same products; where it rounds (Q4_1/Q5_1: d·q + m), MLX rounds the same sum once.
-        np.testing.assert_array_equal(ours, ref)
-    elif qtype in (T.Q2_K, T.Q6_K):
-        # Dense float16: each weight is gguf's float32 value rounded to float16 (≤ 2⁻¹¹ relative).
+    ours = as_numpy(decoded).reshape(shape)
+    if qtype in (T.Q2_K, T.Q6_K):
+        # Dense float16 by default: each weight is gguf's float32 value rounded once to float16
+        # (≤ 2⁻¹¹ relative); with dense_dtype=float32, gguf's value itself.
         assert isinstance(decoded, Dense) and decoded.weight.dtype == mx.float16
         np.testing.assert_array_equal(ours, ref.astype(np.float16).astype(np.float32))
+        exact = decode_tensor("t.gguf", TensorInfo("w", int(qtype), tuple(shape), blocks), dense_dtype=mx.float32)
+        np.testing.assert_array_equal(as_numpy(exact).reshape(shape), ref)
+        return decoded
+    # Every other type: 0. Dense types are copied; for affine ones, float16 scale × (≤ 8-bit q) is
+    # exact in float32, and where gguf rounds (d·q + m in Q4_1/Q5_1/Q4_K/Q5_K) the same single
+    # float32 addition rounds the same way. Where MLX's float16 scales would round gguf's
+    # (Q4_K, Q5_K, IQ4_XS), `dequantize` uses the float32 ones the decoder keeps in `exact`.
+    np.testing.assert_array_equal(ours, ref)
+    if isinstance(decoded, Dense):
+        return decoded
+    kept = quantized_form(decoded).reshape(shape)
+    if qtype in EXACT:
+        # the float16 scales are gguf's own: the kept-quantized form is exact too
+        assert decoded.exact is None
+        np.testing.assert_array_equal(kept, ref)
     elif qtype in (T.Q4_K, T.Q5_K):
-        # MLX's float16 scale is d·sc (float16 × 6-bit integer, up to 17 significant bits) rounded
-        # to nearest float16, its bias −dmin·m likewise: both are checked to be exactly that.
-        # So |Δw| = |Δscale·q + Δbias| ≤ 2⁻¹¹·(|d·sc|·qmax + |dmin·m|), plus one float32 rounding
-        # of w on either side (2⁻²³·|w|).
+        # The kept form's scale is d·sc (float16 × 6-bit integer, up to 17 significant bits)
+        # rounded to the nearest float16, its bias −dmin·m likewise (both checked to be exactly
+        # that, against gguf's own unpacking of the scales). So |Δw| = |Δscale·q + Δbias|
+        # ≤ 2⁻¹¹·(|d·sc|·qmax + |dmin·m|), plus one float32 rounding of w on either side (2⁻²³·|w|).
         b = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
         d, dmin = b[:, 0:2].view(np.float16).astype(np.float32), b[:, 2:4].view(np.float16).astype(np.float32)
         sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])
         scale, bias = (d * sc).reshape(rows, -1), (-dmin * m).reshape(rows, -1)  # per 32 weights, exact
         np.testing.assert_array_equal(np.array(decoded.scales), scale.astype(np.float16))
         np.testing.assert_array_equal(np.array(decoded.biases), bias.astype(np.float16))
-        qmax = 2**decoded.bits - 1
-        bound = 2.0**-11 * (np.abs(scale) * qmax + np.abs(bias))
-        err = np.abs(ours - ref).reshape(rows, -1, 32)
+        bound = 2.0**-11 * (np.abs(scale) * (2**decoded.bits - 1) + np.abs(bias))
+        err = np.abs(kept - ref).reshape(rows, -1, 32)
         assert (err <= bound[..., None] + 2.0**-23 * np.abs(ref).reshape(err.shape)).all()
     elif qtype == T.IQ4_XS:
-        # The scale d·(ls − 32) is rounded to float16 (≤ 2⁻¹¹ relative; exact when subnormal) and
-        # w = scale·level with no zero point, so every weight is off by at most 2⁻¹¹ of itself.
-        assert (np.abs(ours - ref) <= 2.0**-11 * np.abs(ref)).all()
+        # The kept scale d·(ls − 32) is rounded to float16 (≤ 2⁻¹¹ relative; exact when subnormal)
+        # and w = scale·level with no zero point, so every weight is off by ≤ 2⁻¹¹ of itself.
+        assert (np.abs(kept - ref) <= 2.0**-11 * np.abs(ref)).all()
     else:
         raise AssertionError(f"no tolerance stated for {qtype.name}")
     return decoded
@@ -127,7 +144,7 @@ def test_q3_k_grid_edges():
 def assert_quantized_matmul_matches(d: Affine):
     x = mx.array(np.random.default_rng(2).standard_normal((3, 512)).astype(np.float32))
     y = mx.quantized_matmul(x, d.weight, d.scales, d.biases, transpose=True, group_size=d.group_size, bits=d.bits)
-    w = as_numpy(d)
+    w = quantized_form(d)
     # float32 sums of 512 products, accumulated in different orders: ≤ ~512 ε of Σ|x·w|
     bound = 1e-4 * (np.abs(np.array(x)) @ np.abs(w).T)
     assert (np.abs(np.array(y) - np.array(x) @ w.T) <= bound).all()
@@ -205,6 +222,7 @@ def test_chunked_decoding_is_seamless(monkeypatch):
         monkeypatch.undo()
         for field in ("weight", "scales", "biases") if isinstance(whole, Affine) else ("weight",):
             np.testing.assert_array_equal(np.array(getattr(pieces, field)), np.array(getattr(whole, field)))
+        np.testing.assert_array_equal(as_numpy(pieces), as_numpy(whole))  # Q4_K's exact scales too
 
 
 def test_memory_mapped_tensor_pages_are_released_not_lost(tmp_path):
