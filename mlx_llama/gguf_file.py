@@ -63,7 +63,7 @@ class _TruncatedTensor(Exception):
     pass
 
 
-def _checked_reader(path: str):
+def open_reader(path: str):
     """gguf's reader, made to say which tensor runs past the end of a cut file.
 
     Its own failure there is an opaque numpy reshape error, raised while it builds the tensor
@@ -114,7 +114,7 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise GGUFError(self.path, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
         try:
-            reader = _checked_reader(self.path)
+            reader = open_reader(self.path)
         except _TruncatedTensor as e:
             raise GGUFError(self.path, str(e)) from None
         except Exception as e:  # the reader raises ValueError/IndexError/... on short or corrupt headers
