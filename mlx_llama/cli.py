@@ -307,7 +307,11 @@ def perplexity(text_file, ctx, chunks, model_path, cpu_dequantize, verbose):
             text = fh.read()
         model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
         t0 = time.perf_counter()
-        show = lambda p: click.echo(f"[{p.chunks}]{p.value:.4f},", nl=False) or sys.stdout.flush()  # noqa: E731
+
+        def show(p):  # the running value, as llama-perplexity prints it
+            click.echo(f"[{p.chunks}]{p.value:.4f},", nl=False)
+            sys.stdout.flush()
+
         result = run(model, tokenizer, text, ctx=ctx, chunks=chunks, on_chunk=show)
     except MlxLlamaError as e:
         fail(str(e))
