@@ -1,0 +1,36 @@
+"""convert/gguf_to_mlx.py: the converted directory reloads to the same model."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "convert"))
+
+from gguf_to_mlx import load_converted  # noqa: E402
+
+
+def test_convert_round_trip(tiny_gguf, tmp_path):
+    path = tiny_gguf({"default": "Q4_1", "token_embd.weight": "Q8_0", "blk.0.ffn_down.weight": "F16"}, tied=False)
+    out = tmp_path / "converted"
+    r = subprocess.run([sys.executable, str(ROOT / "convert" / "gguf_to_mlx.py"), str(path), str(out), "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "quantized layers" in r.stdout and (out / "weights.safetensors").exists()
+    original, _ = mlx_llama.load(path, dtype=mx.float32, cpu_dequantize=False)
+    converted = load_converted(str(out))
+    tokens = mx.array([list(range(5, 45))])
+    np.testing.assert_array_equal(np.array(converted(tokens)), np.array(original(tokens)))
+
+
+def test_convert_reports_bad_file_in_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope" * 10)
+    r = subprocess.run([sys.executable, str(ROOT / "convert" / "gguf_to_mlx.py"), str(bad), str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a GGUF file" in r.stderr
