@@ -49,7 +49,7 @@ def physical_memory() -> int:
         return 0
 
 
-def choose_cpu_dequantize(cfg: ModelConfig, n_params: int) -> bool:
+def choose_cpu_dequantize(n_params: int) -> bool:
     """Auto rule: dequantize on the CPU device when float32 weights fit in half of physical memory."""
     if mx.default_device() != mx.cpu:
         return False
@@ -112,7 +112,7 @@ def load_model(
     dtype = dtype or (mx.float32 if on_cpu else mx.float16)
     n_params = sum(math.prod(shape) for shape in shapes.values())
     if cpu_dequantize is None:
-        cpu_dequantize = choose_cpu_dequantize(cfg, n_params)
+        cpu_dequantize = choose_cpu_dequantize(n_params)
 
     model = Model(cfg, tied_embeddings=tied, dtype=dtype, cpu_kernels=on_cpu and dtype == mx.float32)
     weights, quantized = [], {}

@@ -94,7 +94,17 @@ def quiet_stderr():
 # ------------------------------------------------------------------------------------ workers
 
 
-class LlamaCppRunner:
+class Runner:
+    """An engine timed the same way: `_run(prompt, gen)` gives prefill and decode seconds."""
+
+    def warmup(self) -> None:
+        self._run(self.prompt[:WARMUP_PROMPT], WARMUP_GEN)
+
+    def run(self) -> dict:
+        return self._run(self.prompt, self.gen)
+
+
+class LlamaCppRunner(Runner):
     def __init__(self, path: str, prompt: list[int], gen: int, threads: int):
         import numpy as np
         from llama_cpp import Llama
@@ -138,34 +148,17 @@ class LlamaCppRunner:
         tg_s = time.perf_counter() - t0
         return {"pp_s": pp_s, "tg_s": tg_s, "tokens": tokens[: gen + 1]}
 
-    def warmup(self) -> None:
-        self._run(self.prompt[:WARMUP_PROMPT], WARMUP_GEN)
-
-    def run(self) -> dict:
-        return self._run(self.prompt, self.gen)
-
     def done(self) -> dict:
         return {}
 
 
-class MlxRunner:
+class MlxRunner(Runner):
     def __init__(self, path: str, prompt: list[int], gen: int, mode: str):
         import mlx_llama  # first: it preloads OpenBLAS before mlx.core
 
-        import importlib
-
         import mlx.core as mx
+        from mlx_llama import generation as generate
 
-        # the prefill / generate_tokens module: `generation` (it was `generate` before the rename)
-        for name in ("mlx_llama.generation", "mlx_llama.generate"):
-            try:
-                generate = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(generate, "prefill") and hasattr(generate, "generate_tokens"):
-                break
-        else:
-            raise ImportError("no mlx_llama module with prefill() and generate_tokens() (mlx_llama.generation or mlx_llama.generate)")
         self.mx, self.generate, self.mlx_llama = mx, generate, mlx_llama
         t0 = time.perf_counter()
         self.model, _ = mlx_llama.load(path, cpu_dequantize=(mode == "dequantized"))
@@ -205,12 +198,6 @@ class MlxRunner:
             tokens.append(tok)
         tg_s = time.perf_counter() - t0
         return {"pp_s": pp_s, "tg_s": tg_s, "tokens": tokens[: gen + 1]}
-
-    def warmup(self) -> None:
-        self._run(self.prompt[:WARMUP_PROMPT], WARMUP_GEN)
-
-    def run(self) -> dict:
-        return self._run(self.prompt, self.gen)
 
     def done(self) -> dict:
         return {"mlx_peak_mb": self.mx.get_peak_memory() / 2**20}
