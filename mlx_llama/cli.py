@@ -154,16 +154,17 @@ def stats_line(stats, mx, verbose: bool) -> str:
 @click.argument("prompt_arg", metavar="[PROMPT]", required=False)
 @click.option("-p", "--prompt", help="The prompt (instead of the PROMPT argument).")
 @click.option("-n", "--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
-@click.option("--chat/--raw", "use_template", default=False, show_default=True,
-              help="Wrap the prompt in the chat template (the file's own or --chat-template), or send it as it is (special tokens parsed).")
+@click.option("--chat/--raw", "use_template", default=None,
+              help="Wrap the prompt in the chat template (the default when the file has one, or with --chat-template), "
+                   "or send it as it is, special tokens parsed.")
 @template_options
 @sampling_options
 @model_options
 def generate(prompt_arg, prompt, max_tokens, use_template, template_name, system, stop, model_path, cpu_dequantize, verbose, **sampling):
     """Continue PROMPT, streamed to stdout; speed and memory go to stderr.
 
-    With --chat (implied by --chat-template or --system) the prompt becomes a user message in
-    the model's chat template, applied once; otherwise it is sent as it is, as llama.cpp's
+    By default, when the file has a chat template (or with --chat-template), the prompt becomes
+    a user message in that template, applied once; with --raw it is sent as it is, as llama.cpp's
     completion mode does.
     """
     if prompt_arg is not None and prompt is not None:
@@ -171,7 +172,11 @@ def generate(prompt_arg, prompt, max_tokens, use_template, template_name, system
     prompt = prompt if prompt is not None else prompt_arg
     if prompt is None:
         fail("no prompt: give PROMPT or -p PROMPT")
-    use_template = use_template or template_name is not None or system is not None
+    if use_template is False and (template_name is not None or system is not None):
+        fail("--raw sends the prompt as it is: it cannot take --chat-template or --system")
+    # --chat, --chat-template or --system ask for a template (an error when there is none);
+    # with none of them, the file's own template is used when it has one.
+    explicit = bool(use_template) or template_name is not None or system is not None
     mx = import_mlx()
     from .chat_template import encode_chat, looks_templated, stop_token_ids
     from .chat import chat_messages
@@ -180,12 +185,16 @@ def generate(prompt_arg, prompt, max_tokens, use_template, template_name, system
     params = sampling_params(sampling)
     try:
         model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
-        template = chat_template(tokenizer, template_name) if use_template else None
+        template = None
+        if explicit:
+            template = chat_template(tokenizer, template_name)
+        elif use_template is None and tokenizer.metadata.get("tokenizer.chat_template"):
+            template = chat_template(tokenizer, None)
         ids, stop_ids = prompt, None
         if template is not None and looks_templated(prompt, template):
             click.echo(
                 "mlx_llama: warning: the prompt already contains the chat template's markers; "
-                "it is sent as it is, not wrapped again (drop --chat to send it raw without this warning)",
+                "it is sent as it is, not wrapped again (pass --raw to send it as it is without this warning)",
                 err=True,
             )
             template = None

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from click.testing import CliRunner
 
 import mlx_llama
@@ -14,7 +16,7 @@ def run_cli(*args, timeout=300):
 
 
 def test_generate_paris_with_default_model(smollm2_path):
-    r = run_cli("generate", "The capital of France is", "-n", "16", "--temp", "0", "--verbose")
+    r = run_cli("generate", "--raw", "The capital of France is", "-n", "16", "--temp", "0", "--verbose")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     # the text streams to stdout; speed, memory and the BLAS line go to stderr
@@ -71,25 +73,57 @@ def test_blas_line_and_switch(smollm2_path):
         assert "BLAS: libopenblas.so.0 (preloaded)" in r.stderr, r.stderr
 
 
-def test_chat_mode_answers_once_wrapped_and_stops_at_end_of_turn(smollm2_path):
-    r = run_cli("generate", "What is the capital of Germany?", "--chat", "--temp", "0", "-v")
+def test_chat_template_is_the_default_applied_once_stopping_at_end_of_turn(smollm2_path):
+    r = run_cli("generate", "What is the capital of Germany?", "--temp", "0", "-v")
     assert r.returncode == 0, r.stderr
     assert "Berlin" in r.stdout
     assert "<|im_end|>" not in r.stdout and "<|im_start|>" not in r.stdout
-    assert "finish: stop" in r.stderr and "chat template:" in r.stderr and "time to first token" in r.stderr
+    assert "finish: stop" in r.stderr and "chat template: gguf" in r.stderr and "time to first token" in r.stderr
+    # the prompt the model saw: the file's template rendered once (its default system prompt, one
+    # user turn), counted by llama.cpp's tokenizer with special tokens parsed
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the reference)")
+    once = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n")
+    vocab = llama_cpp.Llama(str(smollm2_path), vocab_only=True, verbose=False)
+    assert f"prompt: {len(vocab.tokenize(once.encode(), add_bos=True, special=True))} tokens," in r.stderr, r.stderr
+    raw = run_cli("generate", "What is the capital of Germany?", "--raw", "--temp", "0", "-n", "8", "-v")
+    assert "chat template: none (raw prompt)" in raw.stderr and "prompt: 7 tokens" in raw.stderr, raw.stderr
+
+
+def test_default_sampling_reproducible_with_seed(smollm2_path):
+    """The acceptance command with llama.cpp's default sampler; a seed makes it reproducible."""
+    runs = [run_cli("generate", "What is the capital of Germany?", "--seed", "1") for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    assert "Berlin" in runs[0].stdout and "finish: stop" in runs[0].stderr
+
+
+def test_file_without_template_falls_back_to_raw(tiny_gguf, tmp_path):
+    from gguf_edit import rewrite_gguf
+
+    path = tmp_path / "no_template.gguf"
+    rewrite_gguf(tiny_gguf("F32"), path, drop_keys=["tokenizer.chat_template"])
+    runner = CliRunner()
+    r = runner.invoke(main, ["generate", "-m", str(path), "hi", "-n", "2", "--temp", "0", "-v"])
+    assert r.exit_code == 0, r.output
+    assert "chat template: none (raw prompt)" in r.stderr
+    asked = runner.invoke(main, ["generate", "-m", str(path), "hi", "-n", "2", "--chat"])
+    assert asked.exit_code == 2 and "has no chat template" in asked.output
+    both = runner.invoke(main, ["generate", "-m", str(path), "hi", "--raw", "--system", "be brief"])
+    assert both.exit_code == 2 and "cannot take --chat-template or --system" in both.output
 
 
 def test_templated_prompt_is_not_wrapped_twice(smollm2_path):
     prompt = "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
-    warned = run_cli("generate", prompt, "--chat", "--temp", "0", "-n", "12")
-    assert "already contains the chat template's markers" in warned.stderr
-    raw = run_cli("generate", prompt, "--temp", "0", "-n", "12")
+    warned = run_cli("generate", prompt, "--temp", "0", "-n", "12")
+    assert "already contains the chat template's markers" in warned.stderr and "pass --raw" in warned.stderr
+    raw = run_cli("generate", prompt, "--raw", "--temp", "0", "-n", "12")
     assert "warning" not in raw.stderr
     assert warned.stdout == raw.stdout  # sent as it is, not wrapped again
 
 
 def test_stop_strings_and_template_errors(smollm2_path):
-    r = run_cli("generate", "Count: one, two,", "--temp", "0", "-n", "40", "--stop", "five")
+    r = run_cli("generate", "--raw", "Count: one, two,", "--temp", "0", "-n", "40", "--stop", "five")
     assert r.returncode == 0 and "finish: stop" in r.stderr
     assert r.stdout == " three, four, \n"  # the text before the stop string; "five" not printed
     bad = CliRunner().invoke(main, ["generate", "-m", str(smollm2_path), "hi", "--chat-template", "nope"])
@@ -98,7 +132,7 @@ def test_stop_strings_and_template_errors(smollm2_path):
 
 def test_penalties_and_logit_bias_reach_the_sampler(smollm2_path):
     runner = CliRunner()
-    base = ["generate", "-m", str(smollm2_path), "Once upon a time", "-n", "20", "--temp", "0"]
+    base = ["generate", "-m", str(smollm2_path), "--raw", "Once upon a time", "-n", "20", "--temp", "0"]
     plain = runner.invoke(main, base)
     penalized = runner.invoke(main, base + ["--frequency-penalty", "1.5"])
     assert plain.exit_code == penalized.exit_code == 0
