@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from mlx_llama.gguf_file import GGUFFile, ModelConfig
 from mlx_llama.loader import load_model
-from mlx_llama.model import Model
+from mlx_llama.model import BlockLinear, Model, block_layer, set_module
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -38,12 +38,15 @@ def convert(gguf_path: str, out_dir: str, dtype: str = "float16", dequantize: bo
         for path, m in model.named_modules()
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     }
+    # Q2_K/Q6_K layers kept as the file's blocks (see mlx_llama.quants.Blocks)
+    blocks = {path: m.ggml_type for path, m in model.named_modules() if isinstance(m, BlockLinear)}
     config = {
         "source": os.path.basename(gguf_path),
         "dtype": dtype,
         "tied_embeddings": model.tied_embeddings,
         "model": asdict(model.config),
         "quantization": quantization,
+        "blocks": blocks,
     }
     os.makedirs(out_dir, exist_ok=True)
     mx.save_safetensors(os.path.join(out_dir, "weights.safetensors"), weights)
@@ -63,7 +66,11 @@ def load_converted(out_dir: str) -> Model:
     quantization = config["quantization"]
     if quantization:
         nn.quantize(model, class_predicate=lambda path, m: quantization.get(path, False))
-    model.load_weights(os.path.join(out_dir, "weights.safetensors"), strict=True)
+    weights = mx.load(os.path.join(out_dir, "weights.safetensors"))
+    for path, ggml_type in config.get("blocks", {}).items():
+        arrays = {k[len(path) + 1 :]: v for k, v in weights.items() if k.startswith(path + ".")}
+        set_module(model, path, block_layer(path, ggml_type, arrays))
+    model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return model
 
@@ -81,7 +88,8 @@ def main(argv=None) -> int:
         print(f"gguf_to_mlx: error: {e}", file=sys.stderr)
         return 2
     size = os.path.getsize(os.path.join(args.out_dir, "weights.safetensors"))
-    print(f"wrote {args.out_dir}: {size / 2**20:.1f} MiB, {len(config['quantization'])} quantized layers, dtype {args.dtype}")
+    print(f"wrote {args.out_dir}: {size / 2**20:.1f} MiB, {len(config['quantization'])} quantized layers, "
+          f"{len(config['blocks'])} in Q2_K/Q6_K blocks, dtype {args.dtype}")
     return 0
 
 

@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .gguf_file import GGUFError, GGUFFile, ModelConfig
-from .model import Model, module_path
-from .quants import FORMATS, Affine, decode_tensor
+from .model import Model, block_layer, module_path, set_module
+from .quants import FORMATS, Affine, Blocks, decode_tensor
 from .tokenizer import Tokenizer
 
 # The CPU-mode rule: on the CPU, expand quantized weights to float32 (so every matmul goes through
@@ -118,24 +118,26 @@ def load_model(
     weights, quantized = [], {}
     show = progress if progress is not None else (f.file_size > 2**30 and sys.stderr.isatty())
     bar = _Progress(sum(f.tensors[n].data.nbytes for n in shapes), show)
-    # Quantized types with no exact affine form (Q2_K, Q6_K) decode to dense arrays: exact float32
-    # when the weights are expanded anyway, float16 (each weight rounded once) in the compact form.
-    subblock_dtype = dtype if cpu_dequantize else mx.float16
     for name in shapes:
         t = f.tensors[name]
-        decoded = decode_tensor(f.path, t, dense_dtype=subblock_dtype)
+        # Q2_K/Q6_K (no exact affine form): gguf's float32 values when expanding, else their
+        # compact form (the file's blocks by default; see `quants.set_subblock16_form`).
+        decoded = decode_tensor(f.path, t, dense_dtype=dtype if cpu_dequantize else mx.float16, expand=bool(cpu_dequantize))
         key = module_path(name)
+        path = key[: -len(".weight")]
         if isinstance(decoded, Affine) and not cpu_dequantize:
-            quantized[key.rsplit(".", 1)[0]] = {"group_size": decoded.group_size, "bits": decoded.bits}
-            weights += [(key, decoded.weight), (key[: -len("weight")] + "scales", decoded.scales),
-                        (key[: -len("weight")] + "biases", decoded.biases)]
+            quantized[path] = {"group_size": decoded.group_size, "bits": decoded.bits}
+            weights += [(key, decoded.weight), (path + ".scales", decoded.scales), (path + ".biases", decoded.biases)]
         elif isinstance(decoded, Affine):
             weights.append((key, decoded.dequantize(dtype)))
-        elif FORMATS[t.ggml_type].block_size > 1:  # Q2_K/Q6_K, already in subblock_dtype
+        elif isinstance(decoded, Blocks):
+            set_module(model, path, block_layer(path, decoded.ggml_type, decoded.fields))
+            weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
+        elif FORMATS[t.ggml_type].block_size > 1:  # Q2_K/Q6_K dense, already in their dtype
             weights.append((key, decoded.weight))
         else:
             weights.append((key, decoded.weight.astype(dtype)))
-        mx.eval([w for _, w in weights[-3:]])  # materialise tensor by tensor: bounded peak memory
+        mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
         bar.advance(t.data.nbytes)
     bar.close()
     mx.clear_cache()  # return the decoding scratch buffers

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from . import kernels
 from .cache import KVCache
 from .gguf_file import ModelConfig
+from .quants import dequantize_blocks
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
@@ -27,6 +28,48 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
 class Embedding(nn.Embedding):
     def to_quantized(self, group_size=None, bits=None, mode="affine", **kwargs):
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
+class BlockLinear(nn.Module):
+    """A linear layer (no bias) whose weight stays in the GGUF file's Q2_K/Q6_K blocks (see
+    `quants.Blocks`): dequantized exactly, in the input's dtype, each time it runs."""
+
+    def __init__(self, ggml_type: int, fields: dict[str, mx.array]):
+        super().__init__()
+        self.ggml_type = ggml_type
+        for name, value in fields.items():
+            self[name] = value
+
+    def weight_of(self, dtype: mx.Dtype, rows: mx.array | None = None) -> mx.array:
+        fields = {k: v if rows is None else v[rows] for k, v in self.items() if isinstance(v, mx.array)}
+        return dequantize_blocks(self.ggml_type, fields).astype(dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight_of(x.dtype).T
+
+
+class BlockEmbedding(BlockLinear):
+    """An embedding table in Q2_K/Q6_K blocks: a lookup dequantizes only the rows it picks."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.weight_of(mx.float32, ids)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return super().__call__(x)
+
+
+def block_layer(path: str, ggml_type: int, fields: dict[str, mx.array]) -> BlockLinear:
+    """The layer for Q2_K/Q6_K blocks at module `path`: the embedding table or a linear layer."""
+    return (BlockEmbedding if path == "token_embd" else BlockLinear)(ggml_type, fields)
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at a dotted module path ('blk.3.attn.attn_v', 'output')."""
+    *parents, last = path.split(".")
+    node = model
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[last] = module
 
 
 def module_path(gguf_name: str) -> str:

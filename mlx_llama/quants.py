@@ -13,10 +13,11 @@ How exact each form is (checked against `gguf.quants.dequantize` in `tests/test_
 * scale rounded to float16 — Q4_K, Q5_K, IQ4_XS: the effective scale is d·sc (float16 times a
   6-bit integer, up to 17 significant bits), which MLX's float16 scales round to 11 bits:
   |Δw| ≤ 2⁻¹¹·(|d·sc|·q + |dmin·m|) (Q4_K/Q5_K), |Δw| ≤ 2⁻¹¹·|w| (IQ4_XS, no zero point).
-* dense — Q2_K, Q6_K scale every 16 weights, MLX every ≥ 32 (16 is rejected), so no affine
-  form is exact; the weights are stored dense: float16 by default, each gguf's value rounded once
-  (float32 and exact with `decode_tensor(..., dense_dtype=mx.float32)`).
-  `use_lossy_subblock16(bits)` switches them to a smaller, re-quantized (lossy) affine form.
+* blocks — Q2_K, Q6_K scale every 16 weights, MLX every ≥ 32 (16 is rejected), so no affine
+  form is exact. They stay the file's blocks (`Blocks`, the file's size), dequantized exactly by
+  `dequantize_blocks` (MLX ops fused by `mx.compile`) each time the layer runs;
+  `set_subblock16_form` picks dense float16 or a smaller re-quantized (lossy) affine form instead.
+  When the loader expands every weight, they are gguf's float32 values (`decode_tensor(expand=True)`).
 
 `Affine.dequantize` is exact for every affine type: where the float16 scales are rounded, the
 decoder also hands over gguf's float32 scales (`Affine.exact`), so the CPU path that expands
@@ -84,7 +85,7 @@ class Format:
     name: str
     block_size: int  # weights per block
     type_size: int  # bytes per block
-    decode: Callable[[np.ndarray], Dense | Affine]  # (rows, n_blocks, type_size) uint8 → MLX arrays
+    decode: Callable[[np.ndarray], Dense | Affine | Blocks]  # (rows, n_blocks, type_size) uint8 → MLX arrays
     representation: str  # what it becomes in MLX and how exact, for `info`
     bits_per_weight: float  # MLX storage, as decoded (the loader casts dense weights to the model dtype)
 
@@ -283,8 +284,12 @@ def decode_iq4_xs(blocks):
 
 # -- Q2_K and Q6_K: 16-weight sub-blocks, no exact affine form ----------------------------------
 # Two neighbouring sub-blocks share one MLX group of 32 but have unrelated scales (and, for Q2_K,
-# unrelated offsets), so no affine grid is exact. Their values are computed as gguf computes them
-# (float32, exact) and stored as float16 (16 bpw), or — `use_lossy_subblock16` — re-quantized.
+# unrelated offsets), so no affine grid is exact. Three forms (`set_subblock16_form`):
+#   "blocks" (default) the file's blocks, split into their fields (`Blocks`), dequantized by
+#            `dequantize_blocks` each time the weight is used: the file's size, gguf's values;
+#   "dense"  gguf's values stored as float16 (16 bpw, each weight rounded once);
+#   bits     re-quantized to a `bits`-bit affine form (lossy).
+# The CPU path that expands every weight at load gets gguf's float32 values (`subblock16_values`).
 
 
 def q2_k_values(blocks) -> np.ndarray:
@@ -305,6 +310,70 @@ def q6_k_values(blocks) -> np.ndarray:
     q = (ql | (_crumbs(blocks[..., 128:192]) << 4)).view(np.int8) - np.int8(32)
     dl = (_f16(blocks, 208)[..., None].astype(np.float32) * blocks[..., 192:208].view(np.int8))[..., None]
     return dl * q.reshape(*q.shape[:-1], 16, 16)
+
+
+@dataclass
+class Blocks:
+    """A Q2_K/Q6_K tensor kept as the file's blocks, split into fields of shape (rows, n_blocks, …):
+    Q6_K: qs (192 bytes: 4 low bits, then 2 high bits), scales (16 int8), d (float16);
+    Q2_K: scales (16 bytes: sc low nibble, m high), qs (64 bytes, 2-bit), d, dmin (float16)."""
+
+    ggml_type: int
+    fields: dict[str, mx.array]
+
+    def dequantize(self, dtype=mx.float32) -> mx.array:
+        return dequantize_blocks(self.ggml_type, self.fields).astype(dtype)
+
+
+def _split_blocks(ggml_type: int, blocks: np.ndarray) -> Blocks:
+    f16 = lambda at: mx.array(_f16(blocks, at))  # noqa: E731
+    if ggml_type == Q6_K:
+        fields = {"qs": mx.array(blocks[..., :192]), "scales": mx.array(blocks[..., 192:208].view(np.int8)), "d": f16(208)}
+    else:
+        fields = {"scales": mx.array(blocks[..., :16]), "qs": mx.array(blocks[..., 16:80]), "d": f16(80), "dmin": f16(82)}
+    return Blocks(ggml_type, fields)
+
+
+_MX_SHIFT2 = mx.array([0, 2, 4, 6], dtype=mx.uint8)[:, None]
+
+
+def _mx_crumbs(qs: mx.array) -> mx.array:
+    """`_crumbs` in MLX: (..., 32·c) uint8 → (..., 128·c)."""
+    qs = qs.reshape(*qs.shape[:-1], -1, 1, 32)
+    return ((qs >> _MX_SHIFT2) & 3).reshape(*qs.shape[:-3], -1)
+
+
+def _q6_k_mx(qs, scales, d):
+    lead = d.shape
+    ql = qs[..., :128].reshape(*lead, 2, 1, 64)
+    ql = mx.concatenate([ql & 15, ql >> 4], axis=-2).reshape(*lead, 256)
+    q = (ql | (_mx_crumbs(qs[..., 128:]) << 4)).astype(mx.int8) - 32
+    dl = (d[..., None].astype(mx.float32) * scales.astype(mx.float32))[..., None]
+    return (dl * q.reshape(*lead, 16, 16)).reshape(*lead[:-1], -1)
+
+
+def _q2_k_mx(scales, qs, d, dmin):
+    lead = d.shape
+    dl = (d[..., None].astype(mx.float32) * (scales & 15))[..., None]
+    ml = (dmin[..., None].astype(mx.float32) * (scales >> 4))[..., None]
+    q = _mx_crumbs(qs).reshape(*lead, 16, 16)
+    return (dl * q - ml).reshape(*lead[:-1], -1)
+
+
+_BLOCK_DEQUANTIZERS = {Q6_K: mx.compile(_q6_k_mx), Q2_K: mx.compile(_q2_k_mx)}
+
+
+def dequantize_blocks(ggml_type: int, fields) -> mx.array:
+    """gguf's float32 values of `Blocks` fields (any leading shape, e.g. rows picked by an
+    embedding lookup): (..., n_blocks, …) → (..., n_blocks · 256). Elementwise work that
+    `mx.compile` fuses into one pass over the blocks."""
+    return _BLOCK_DEQUANTIZERS[ggml_type](**fields)
+
+
+def subblock16_values(ggml_type: int, blocks: np.ndarray) -> Dense:
+    """gguf's float32 values of Q2_K/Q6_K blocks (rows, nb, type_size), as a dense array."""
+    w = {Q2_K: q2_k_values, Q6_K: q6_k_values}[ggml_type](blocks)
+    return Dense(mx.array(w.reshape(blocks.shape[0], -1)))
 
 
 def requantize(w: np.ndarray, bits: int) -> Affine:
@@ -329,24 +398,17 @@ def requantize(w: np.ndarray, bits: int) -> Affine:
     return _affine(q, scale, bias, bits)
 
 
-def _subblock16(values: Callable[[np.ndarray], np.ndarray], lossy_bits: int | None):
-    def decode(blocks):
-        w = values(blocks)
-        if lossy_bits is not None:
-            return requantize(w, lossy_bits)
-        return Dense(mx.array(w.reshape(blocks.shape[0], -1)))  # float32; `decode_tensor` casts it
-
-    return decode
-
-
-def _subblock16_format(name: str, ggml_type: int, type_size: int, lossy_bits: int | None) -> Format:
-    values = {Q2_K: q2_k_values, Q6_K: q6_k_values}[ggml_type]
-    if lossy_bits is None:
-        return Format(name, 256, type_size, _subblock16(values, None),
-                      "dense float16 (each weight rounded once to float16: 16-weight sub-blocks have no exact affine form)", 16)
-    return Format(name, 256, type_size, _subblock16(values, lossy_bits),
-                  f"affine {lossy_bits}-bit, group 32, re-quantized (lossy: ≤ half a step + float16 rounding of the min)",
-                  affine_bits_per_weight(lossy_bits))
+def _subblock16_format(name: str, ggml_type: int, type_size: int, form) -> Format:
+    if form == "blocks":
+        return Format(name, 256, type_size, lambda blocks: _split_blocks(ggml_type, blocks),
+                      "the file's blocks, dequantized when used (exact: gguf's values, in the compute dtype)",
+                      8 * type_size / 256)
+    if form == "dense":
+        return Format(name, 256, type_size, lambda blocks: subblock16_values(ggml_type, blocks),
+                      "dense float16 (each weight rounded once to float16)", 16)
+    return Format(name, 256, type_size, lambda blocks: requantize({Q2_K: q2_k_values, Q6_K: q6_k_values}[ggml_type](blocks), form),
+                  f"affine {form}-bit, group 32, re-quantized (lossy: ≤ half a step + float16 rounding of the min)",
+                  affine_bits_per_weight(form))
 
 
 # -- dense types --------------------------------------------------------------------------------
@@ -377,30 +439,36 @@ FORMATS: dict[int, Format] = {
     Q5_1: Format("Q5_1", 32, 24, decode_q5_1, f"affine 5-bit, group 32 ({_EXACT})", affine_bits_per_weight(5)),
     Q8_0: Format("Q8_0", 32, 34, decode_q8_0, f"affine 8-bit, group 32 ({_EXACT})", affine_bits_per_weight(8)),
     IQ4_NL: Format("IQ4_NL", 32, 18, decode_iq4_nl, f"affine 8-bit, group 32 ({_EXACT})", affine_bits_per_weight(8)),
-    Q2_K: _subblock16_format("Q2_K", Q2_K, 84, None),
+    Q2_K: _subblock16_format("Q2_K", Q2_K, 84, "blocks"),
     Q3_K: Format("Q3_K", 256, 110, decode_q3_k, f"affine 8-bit, group 32 ({_EXACT})", affine_bits_per_weight(8)),
     Q4_K: Format("Q4_K", 256, 144, decode_q4_k, f"affine 4-bit, group 32 ({_K_SCALE})", affine_bits_per_weight(4)),
     Q5_K: Format("Q5_K", 256, 176, decode_q5_k, f"affine 5-bit, group 32 ({_K_SCALE})", affine_bits_per_weight(5)),
-    Q6_K: _subblock16_format("Q6_K", Q6_K, 210, None),
+    Q6_K: _subblock16_format("Q6_K", Q6_K, 210, "blocks"),
     IQ4_XS: Format("IQ4_XS", 256, 136, decode_iq4_xs, f"affine 8-bit, group 32 ({_XS_SCALE})", affine_bits_per_weight(8)),
 }
 
 
-def use_lossy_subblock16(bits: int | None) -> None:
-    """Choose how Q2_K and Q6_K tensors load (they have no exact affine form).
+SUBBLOCK16 = (Q2_K, Q6_K)
 
-    None (the default): dense float16, 16 bits per weight, each weight the float16 rounding of
-    gguf's value. `bits` in {2, 3, 4, 5, 6, 8}: `bits`-bit affine, group 32, re-quantized by
-    `requantize` — `bits` + 1 bits per weight, error ≤ half a step of each 32-weight group's range
-    plus the float16 rounding of its minimum (e.g. 8 → 9 bpw, error ≈ (max − min) / 510 per group;
-    6 → 7 bpw, ≈ (max − min) / 126; Q6_K's own step is about (max − min) / 63). On SmolLM2's
-    Q6_K file, 8 bits moves the logits by up to ~0.5 and 6 bits by ~2.8 (dense float16: 0.02).
-    Affects tensors decoded afterwards (call before `mlx_llama.load`).
+
+def set_subblock16_form(form: str | int = "blocks") -> None:
+    """Choose how Q2_K and Q6_K tensors are kept when the weights stay compact (they have no
+    exact affine form; the CPU path that expands weights at load is unaffected: gguf's values).
+
+    "blocks" (the default): the file's blocks, the file's size (Q6_K 6.5625, Q2_K 2.625 bits per
+    weight), dequantized to the compute dtype each time the layer runs — exact, but every use
+    pays a pass over the blocks. "dense": float16, 16 bits per weight, each weight gguf's value
+    rounded once (the fastest to multiply). `bits` in {2, 3, 4, 5, 6, 8}: `bits`-bit affine,
+    group 32, re-quantized by `requantize` — `bits` + 1 bits per weight, error ≤ half a step of
+    each 32-weight group's range plus the float16 rounding of its minimum (8 → 9 bpw, error ≈
+    (max − min) / 510 per group; 6 → 7 bpw, ≈ (max − min) / 126; Q6_K's own step is about
+    (max − min) / 63). On SmolLM2's Q6_K file, 8 bits moves the logits by up to ~0.5 and 6 bits
+    by ~2.8 (dense float16: 0.02). Affects tensors decoded afterwards (call before `load`).
     """
-    if bits is not None and bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"MLX affine quantization has no {bits}-bit form (use 2, 3, 4, 5, 6 or 8)")
-    FORMATS[Q2_K] = _subblock16_format("Q2_K", Q2_K, 84, bits)
-    FORMATS[Q6_K] = _subblock16_format("Q6_K", Q6_K, 210, bits)
+    if form not in ("blocks", "dense", 2, 3, 4, 5, 6, 8):
+        raise ValueError(f"Q2_K/Q6_K form must be 'blocks', 'dense' or 2, 3, 4, 5, 6, 8 bits (MLX's affine widths), not {form!r}")
+    FORMATS[Q2_K] = _subblock16_format("Q2_K", Q2_K, 84, form)
+    FORMATS[Q6_K] = _subblock16_format("Q6_K", Q6_K, 210, form)
 
 
 def type_name(ggml_type: int) -> str:
@@ -417,10 +485,12 @@ def type_name(ggml_type: int) -> str:
 CHUNK_WEIGHTS = 1 << 22
 
 
-def _join(parts: list[Dense | Affine]) -> Dense | Affine:
+def _join(parts: list[Dense | Affine | Blocks]) -> Dense | Affine | Blocks:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
+    if isinstance(first, Blocks):
+        return Blocks(first.ggml_type, {k: mx.concatenate([p.fields[k] for p in parts]) for k in first.fields})
     if isinstance(first, Dense):
         return Dense(mx.concatenate([p.weight for p in parts]))
     exact = None
@@ -461,11 +531,12 @@ class _FilePages:
                 self.map = None
 
 
-def decode_tensor(path: str, t: TensorInfo, dense_dtype: mx.Dtype = mx.float16) -> Dense | Affine:
+def decode_tensor(path: str, t: TensorInfo, dense_dtype: mx.Dtype = mx.float16, expand: bool = False) -> Dense | Affine | Blocks:
     """Turn one memory-mapped GGUF tensor into MLX arrays, checking its size against its type.
 
-    Quantized types with no affine form (Q2_K, Q6_K) come out dense, in `dense_dtype`: float16 by
-    default (16 bits per weight, each weight rounded once), float32 for gguf's exact values.
+    Each type becomes its `FORMATS` form. With expand=True (the loader expanding every weight),
+    Q2_K and Q6_K come out dense instead, gguf's float32 values cast to `dense_dtype`; a dense
+    Q2_K/Q6_K form is cast to `dense_dtype` too.
     """
     fmt = FORMATS.get(t.ggml_type)
     if fmt is None:
@@ -487,12 +558,13 @@ def decode_tensor(path: str, t: TensorInfo, dense_dtype: mx.Dtype = mx.float16) 
     try:
         with np.errstate(over="ignore"):  # a scale overflowing float16 is caught by `_affine`
             for r in range(0, rows, step):
-                part = fmt.decode(blocks[r : r + step])
+                chunk = blocks[r : r + step]
+                part = subblock16_values(t.ggml_type, chunk) if expand and t.ggml_type in SUBBLOCK16 else fmt.decode(chunk)
                 if isinstance(part, Dense) and fmt.block_size > 1:
                     part.weight = part.weight.astype(dense_dtype)
                     mx.eval(part.weight)  # now, so that only one chunk is ever held in float32
                 parts.append(part)
-                pages.release(blocks[r : r + step])
+                pages.release(chunk)
     except _OutOfRange as e:
         raise GGUFError(path, f"tensor {t.name!r}: {e}") from None
     out = _join(parts)  # lazy: the loader's mx.eval joins the pieces (briefly 2× this tensor's MLX size)

@@ -34,3 +34,24 @@ def test_convert_reports_bad_file_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "convert" / "gguf_to_mlx.py"), str(bad), str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a GGUF file" in r.stderr
+
+
+def test_convert_round_trip_with_k_quant_blocks(tiny_gguf, tmp_path):
+    """Q6_K/Q2_K layers (kept as the file's blocks) survive the conversion, embedding included."""
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) makes the quantized file")
+    from make_quant_fixtures import requantize
+
+    path = tmp_path / "k.gguf"
+    requantize(str(tiny_gguf("F32", hidden=256, ffn=512, tied=False)), str(path), {"output": "Q2_K"}, ftype="Q6_K")
+    out = tmp_path / "converted"
+    r = subprocess.run([sys.executable, str(ROOT / "convert" / "gguf_to_mlx.py"), str(path), str(out), "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    original, _ = mlx_llama.load(path, dtype=mx.float32, cpu_dequantize=False)
+    assert type(original.token_embd).__name__ == "BlockEmbedding" and type(original.output).__name__ == "BlockLinear"
+    converted = load_converted(str(out))
+    assert type(converted.token_embd).__name__ == "BlockEmbedding"
+    tokens = mx.array([list(range(5, 45))])
+    np.testing.assert_array_equal(np.array(converted(tokens)), np.array(original(tokens)))

@@ -24,13 +24,12 @@ the reference's top-2 gap is < 1e-2):
 
     mode         file holds                        bound   measured here
     dequantized  any                               1e-6    0 (the very same graph and weights)
-    quantized    Q2_K / Q6_K (dense float16)       0.1     ≤ 0.03
     quantized    only types exact in MLX           1e-3    ≤ 2e-4 (MLX's kernels sum in another order)
+                 (Q2_K/Q6_K as the file's blocks among them)
     quantized    Q4_K / Q5_K / IQ4_XS              0.25    ≤ 0.11
 
-In the compact (quantized) form, Q2_K/Q6_K weights are gguf's rounded once to float16 (≤ 2⁻¹¹
-relative each); the logits then also equal (to 1e-3) the reference's with just those tensors
-rounded to float16, unless the file also has rounded scales. Dequantized, they are exact. Q4_K/Q5_K/IQ4_XS keep their scale
+In the compact (quantized) form, Q2_K/Q6_K stay the file's blocks, dequantized to gguf's values
+each time they are used (exact, as in the dequantized mode). Q4_K/Q5_K/IQ4_XS keep their scale
 d·sc (and Q4_K/Q5_K their bias −dmin·m) rounded to float16 in the quantized form: ≤ 2⁻¹¹ of a
 group's range per weight, the same for the 32 weights of a group, so the errors add up more
 coherently than independent rounding (rounding every weight of the model to float16 moves these
@@ -75,10 +74,9 @@ KINDS = {
     "Q6_K": ("Q6_K", {}, {"Q8_0", "Q6_K"}),
     "IQ4_XS": ("IQ4_XS", {r"ffn_(gate|up)|attn_(q|output)": "Q4_0"}, {"IQ4_NL", "IQ4_XS", "Q5_K", "Q4_0", "Q8_0"}),
 }
-# Types whose float16 scales are gguf's own: exact in both modes (see mlx_llama/quants.py).
-EXACT_KEPT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "IQ4_NL"}
-# Dense float16 in both modes (the loader does not ask decode_tensor for float32).
-DENSE_F16 = {"Q2_K", "Q6_K"}
+# Exact in both modes (see mlx_llama/quants.py): affine with gguf's own float16 scales, or the
+# file's blocks (Q2_K, Q6_K).
+EXACT_KEPT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "IQ4_NL", "Q2_K", "Q6_K"}
 # float16-rounded scales in the quantized form (exact, through float32 scales, when dequantized)
 ROUNDED_SCALES = {"Q4_K", "Q5_K", "IQ4_XS"}
 
@@ -101,29 +99,15 @@ def requantized(smollm2_path, tmp_path_factory):
 
 
 class Reference:
-    """The float32 Llama graph with gguf.quants.dequantize weights (and, for files with dense
-    float16 types, a twin with just those tensors rounded to float16)."""
+    """The float32 Llama graph with gguf.quants.dequantize weights."""
 
-    def __init__(self, f: GGUFFile):
+    def __init__(self, f: GGUFFile, ids=TEXT_IDS):
         cfg, tied = f.config(), "output.weight" not in f.tensors
-        exact, as_stored = [], []
-        for name, shape in expected_shapes(cfg, tied).items():
-            t = f.tensors[name]
-            w = mx.array(gguf.quants.dequantize(t.data, t.ggml_type).reshape(shape))
-            exact.append((module_path(name), w))
-            if type_name(t.ggml_type) in DENSE_F16:
-                w = w.astype(mx.float16).astype(mx.float32)
-            as_stored.append((module_path(name), w))
+        weights = [(module_path(name), mx.array(gguf.quants.dequantize(f.tensors[name].data, f.tensors[name].ggml_type).reshape(shape)))
+                   for name, shape in expected_shapes(cfg, tied).items()]
         model = Model(cfg, tied_embeddings=tied, dtype=mx.float32, cpu_kernels=mx.default_device() == mx.cpu)
-        self.logits = self._run(model, exact)
-        self.f16_dense_logits = None
-        if any(type_name(t.ggml_type) in DENSE_F16 for t in f.tensors.values()):
-            self.f16_dense_logits = self._run(model, as_stored)
-
-    @staticmethod
-    def _run(model, weights) -> np.ndarray:
         model.load_weights(weights, strict=True)
-        return np.array(model(mx.array([TEXT_IDS]))[0])
+        self.logits = np.array(model(mx.array([ids]))[0])
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -154,11 +138,6 @@ def check_mode(name: str, ref: Reference, ours: np.ndarray, quantized: bool) -> 
     same = 1e-3 if quantized else 1e-6
     if quantized and held & ROUNDED_SCALES:
         return check_logits(ours, ref, 0.25)
-    if quantized and held & DENSE_F16:  # the compact form keeps Q2_K/Q6_K dense in float16
-        err = check_logits(ours, ref, 0.1)
-        # ... and exactly the reference with just the dense tensors rounded to float16
-        assert np.abs(ours - ref.f16_dense_logits[: len(ours)]).max() <= same
-        return err
     return check_logits(ours, ref, same)
 
 
@@ -166,7 +145,7 @@ def test_dequantized_mode(kind):
     name, f, ref = kind
     model = load_model(f, cpu_dequantize=True, dtype=mx.float32)
     # Every type dequantizes to gguf's exact values (Q4_K, Q5_K, IQ4_XS through the float32
-    # scales the decoders keep for this; Q2_K/Q6_K decoded straight to float32).
+    # scales the decoders keep for this; Q2_K/Q6_K expanded straight to float32).
     err = check_mode(name, ref, np.array(model(mx.array([TEXT_IDS]))[0]), quantized=False)
     print(f"\n{name}: dequantized max |Δlogit| {err:.2e}")
 
@@ -177,9 +156,9 @@ def test_quantized_mode_and_memory(kind):
     model = load_model(f, cpu_dequantize=False, dtype=mx.float32)
     err = check_mode(name, ref, np.array(model(mx.array([TEXT_IDS[:N_QUANTIZED]]))[0]), quantized=True)
 
-    # Memory of the quantized form at dtype float16: dense weights (norms, Q2_K, Q6_K) are held in
-    # float16 there, quantized ones exactly as here — so count this float32 model's dense arrays
-    # at half their size.
+    # Memory of the quantized form at dtype float16: dense weights (norms) are held in float16
+    # there, quantized ones and Q2_K/Q6_K blocks exactly as here — so count this float32 model's
+    # dense arrays at half their size.
     params = tree_flatten(model.parameters())
     mlx_bytes = sum(a.nbytes // 2 if a.dtype == mx.float32 else a.nbytes for _, a in params)
     by_type = collections.defaultdict(lambda: [0, 0.0])  # GGUF type → [file bytes, MLX bytes]
@@ -194,6 +173,34 @@ def test_quantized_mode_and_memory(kind):
     for t in ("Q5_0", "Q5_1", "Q4_K", "Q5_K"):  # the exact-affine types at their native size
         if t in by_type:
             assert by_type[t][1] <= 1.15 * by_type[t][0], t
+    for t in ("Q2_K", "Q6_K"):  # the file's blocks: the file's bytes
+        if t in by_type:
+            assert by_type[t][1] == by_type[t][0], t
     ratios = ", ".join(f"{t} {m / b:.2f}×" for t, (b, m) in sorted(by_type.items()))
     print(f"\n{name}: quantized max |Δlogit| {err:.2e}; MLX float16 model {mlx_bytes / 2**20:.1f} MiB "
           f"= {mlx_bytes / file_bytes:.3f}× the file's {file_bytes / 2**20:.1f} MiB of tensors ({ratios})")
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_block_embedding_and_output(tiny_gguf, tmp_path, tied):
+    """Q6_K/Q2_K as the embedding table and the output projection (SmolLM2's 576-wide rows
+    cannot hold them): a 256-wide tiny model quantized by llama.cpp, token_embd in Q6_K (looked
+    up row by row, and the tied output), output in Q2_K when untied."""
+    pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) makes the quantized file")
+    src = tiny_gguf("F32", hidden=256, ffn=512, n_heads=4, n_kv_heads=2, tied=tied)
+    path = tmp_path / "tiny-k.gguf"
+    requantize(str(src), str(path), {"token_embd": "Q6_K", "output": "Q2_K", "ffn_down": "Q2_K"}, ftype="Q6_K")
+    f = GGUFFile(path)
+    assert type_name(f.tensors["token_embd.weight"].ggml_type) == "Q6_K"
+    assert type_name(f.tensors["blk.0.ffn_down.weight"].ggml_type) == "Q2_K"
+    if not tied:
+        assert type_name(f.tensors["output.weight"].ggml_type) == "Q2_K"
+    ref = Reference(f)
+    model = load_model(f, cpu_dequantize=False, dtype=mx.float32)
+    assert type(model.token_embd).__name__ == "BlockEmbedding"
+    assert type(model.blk[0].ffn.ffn_down).__name__ == "BlockLinear"
+    ours = np.array(model(mx.array([TEXT_IDS]))[0])
+    assert np.abs(ours - ref.logits).max() <= 1e-4
+    # the rows a lookup dequantizes are the table's rows
+    table = gguf.quants.dequantize(f.tensors["token_embd.weight"].data, f.tensors["token_embd.weight"].ggml_type)
+    np.testing.assert_array_equal(np.array(model.token_embd(mx.array([[5, 7], [49151, 0]]))), table[[[5, 7], [49151, 0]]])

@@ -15,7 +15,7 @@ import pytest
 
 from mlx_llama import quants
 from mlx_llama.gguf_file import GGUFError, TensorInfo
-from mlx_llama.quants import FORMATS, Affine, Dense, decode_tensor
+from mlx_llama.quants import FORMATS, Affine, Blocks, Dense, decode_tensor
 
 T = gguf.GGMLQuantizationType
 FIXTURES = Path(__file__).parent / "golden" / "quant_fixtures.npz"
@@ -23,7 +23,7 @@ FIXTURES = Path(__file__).parent / "golden" / "quant_fixtures.npz"
 GGUF_QUANTIZES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 LLAMA_CPP_ONLY = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 QUANTIZED = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0] + LLAMA_CPP_ONLY
-AFFINE = [t for t in QUANTIZED if t not in (T.Q2_K, T.Q6_K)]  # Q2_K, Q6_K: dense unless made lossy
+AFFINE = [t for t in QUANTIZED if t not in (T.Q2_K, T.Q6_K)]  # Q2_K, Q6_K: the file's blocks unless told otherwise
 
 # Where each type keeps its float16 block scales (byte offsets), for building random blocks.
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0],
@@ -31,13 +31,13 @@ F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: 
 EXACT = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.IQ4_NL}  # float16 scales are gguf's
 
 
-def decode(qtype, blocks: np.ndarray, shape) -> Dense | Affine:
-    return decode_tensor("t.gguf", TensorInfo("w", int(qtype), tuple(shape), blocks))
+def decode(qtype, blocks: np.ndarray, shape, **kw) -> Dense | Affine | Blocks:
+    return decode_tensor("t.gguf", TensorInfo("w", int(qtype), tuple(shape), blocks), **kw)
 
 
 def as_numpy(decoded) -> np.ndarray:
-    """What the CPU path that expands weights at load gets: `Affine.dequantize()` / `Dense.weight`, in float32."""
-    w = decoded.dequantize() if isinstance(decoded, Affine) else decoded.weight.astype(mx.float32)
+    """The float32 values of a decoded form: `dequantize()` (Affine, Blocks) or the dense weight."""
+    w = decoded.weight.astype(mx.float32) if isinstance(decoded, Dense) else decoded.dequantize()
     return np.array(w)
 
 
@@ -66,12 +66,20 @@ def check_against_gguf(qtype, blocks: np.ndarray, shape):
     ref = gguf.quants.dequantize(blocks, qtype).reshape(shape)
     ours = as_numpy(decoded).reshape(shape)
     if qtype in (T.Q2_K, T.Q6_K):
-        # Dense float16 by default: each weight is gguf's float32 value rounded once to float16
-        # (≤ 2⁻¹¹ relative); with dense_dtype=float32, gguf's value itself.
-        assert isinstance(decoded, Dense) and decoded.weight.dtype == mx.float16
-        np.testing.assert_array_equal(ours, ref.astype(np.float16).astype(np.float32))
-        exact = decode_tensor("t.gguf", TensorInfo("w", int(qtype), tuple(shape), blocks), dense_dtype=mx.float32)
-        np.testing.assert_array_equal(as_numpy(exact).reshape(shape), ref)
+        # Kept as the file's blocks: `dequantize_blocks` computes gguf's float32 values with the
+        # same float32 operations in the same order (d·sc exact, then one rounding per product
+        # and, for Q2_K, one for the subtraction), so they are equal bit for bit.
+        assert isinstance(decoded, Blocks)
+        assert sum(v.nbytes for v in decoded.fields.values()) == blocks.nbytes  # the file's size
+        np.testing.assert_array_equal(ours, ref)
+        # rows picked from the blocks (an embedding lookup) give the same rows
+        pick = mx.array([rows - 1, 0])
+        picked = quants.dequantize_blocks(int(qtype), {k: v[pick] for k, v in decoded.fields.items()})
+        np.testing.assert_array_equal(np.array(picked), ref[[rows - 1, 0]])
+        # expanded at load (the CPU path): gguf's float32 values, dense
+        expanded = decode(qtype, blocks, shape, dense_dtype=mx.float32, expand=True)
+        assert isinstance(expanded, Dense)
+        np.testing.assert_array_equal(as_numpy(expanded).reshape(shape), ref)
         return decoded
     # Every other type: 0. Dense types are copied; for affine ones, float16 scale × (≤ 8-bit q) is
     # exact in float32, and where gguf rounds (d·q + m in Q4_1/Q5_1/Q4_K/Q5_K) the same single
@@ -170,17 +178,17 @@ def test_packing_is_mlx_layout(bits):
 @pytest.mark.parametrize("bits", [8, 6, 3])
 @pytest.mark.parametrize("qtype", [T.Q2_K, T.Q6_K], ids=lambda t: t.name)
 def test_lossy_subblock16(qtype, bits):
-    """The opt-in smaller form of Q2_K/Q6_K: re-quantized, error within the stated bound."""
+    """The opt-in smaller affine form of Q2_K/Q6_K: re-quantized, error within the stated bound."""
     blocks = random_blocks(qtype, 16, 2, seed=bits)
     ref = gguf.quants.dequantize(blocks, qtype).reshape(16, 512)
     try:
-        quants.use_lossy_subblock16(bits)
+        quants.set_subblock16_form(bits)
         fmt = FORMATS[int(qtype)]
         assert f"{bits}-bit" in fmt.representation and "lossy" in fmt.representation
         assert fmt.bits_per_weight == bits + 1
         d = decode(qtype, blocks, ref.shape)
     finally:
-        quants.use_lossy_subblock16(None)
+        quants.set_subblock16_form()
     assert isinstance(d, Affine) and d.bits == bits
     s, b = np.array(d.scales).astype(np.float32), np.array(d.biases).astype(np.float32)
     groups = ref.reshape(16, -1, 32)
@@ -190,9 +198,24 @@ def test_lossy_subblock16(qtype, bits):
     err = np.abs(as_numpy(d).reshape(groups.shape) - groups)
     assert (err <= bound[..., None]).all()
     assert_quantized_matmul_matches(d)  # the 6-bit stream too
-    assert isinstance(decode(qtype, blocks, ref.shape), Dense)  # switched back
+    assert isinstance(decode(qtype, blocks, ref.shape), Blocks)  # switched back
     with pytest.raises(ValueError):
-        quants.use_lossy_subblock16(7)
+        quants.set_subblock16_form(7)
+
+
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q6_K], ids=lambda t: t.name)
+def test_dense_subblock16(qtype):
+    """The opt-in dense form: each weight gguf's float32 value rounded once to float16."""
+    blocks = random_blocks(qtype, 8, 2, seed=1)
+    ref = gguf.quants.dequantize(blocks, qtype).reshape(8, 512)
+    try:
+        quants.set_subblock16_form("dense")
+        d = decode(qtype, blocks, ref.shape)
+        assert FORMATS[int(qtype)].bits_per_weight == 16
+    finally:
+        quants.set_subblock16_form()
+    assert isinstance(d, Dense) and d.weight.dtype == mx.float16
+    np.testing.assert_array_equal(as_numpy(d), ref.astype(np.float16).astype(np.float32))
 
 
 def test_table_matches_gguf_and_bits_per_weight():
@@ -203,7 +226,7 @@ def test_table_matches_gguf_and_bits_per_weight():
         # bits_per_weight is what the decoded arrays really take
         blocks = random_blocks(qtype, 4, 512 // fmt.block_size) if qtype in F16_FIELDS else np.zeros((4, 512 * fmt.type_size), np.uint8)
         d = decode(qtype, blocks, (4, 512))
-        arrays = [d.weight] if isinstance(d, Dense) else [d.weight, d.scales, d.biases]
+        arrays = [d.weight] if isinstance(d, Dense) else list(d.fields.values()) if isinstance(d, Blocks) else [d.weight, d.scales, d.biases]
         assert sum(a.nbytes for a in arrays) * 8 / (4 * 512) == fmt.bits_per_weight, qtype.name
     # the exact native-size affine forms stay within 1.15× the file's bytes
     for qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K):
@@ -220,7 +243,10 @@ def test_chunked_decoding_is_seamless(monkeypatch):
         monkeypatch.setattr(quants, "CHUNK_WEIGHTS", 3 * 768)  # 3 rows at a time, 13 pieces
         pieces = decode(qtype, blocks, (37, 768))
         monkeypatch.undo()
-        for field in ("weight", "scales", "biases") if isinstance(whole, Affine) else ("weight",):
+        if isinstance(whole, Blocks):
+            for k, v in whole.fields.items():
+                np.testing.assert_array_equal(np.array(pieces.fields[k]), np.array(v))
+        for field in ("weight", "scales", "biases") if isinstance(whole, Affine) else ():
             np.testing.assert_array_equal(np.array(getattr(pieces, field)), np.array(getattr(whole, field)))
         np.testing.assert_array_equal(as_numpy(pieces), as_numpy(whole))  # Q4_K's exact scales too
 
