@@ -40,12 +40,18 @@ class BlockLinear(nn.Module):
         for name, value in fields.items():
             self[name] = value
 
-    def weight_of(self, dtype: mx.Dtype, rows: mx.array | None = None) -> mx.array:
-        fields = {k: v if rows is None else v[rows] for k, v in self.items() if isinstance(v, mx.array)}
-        return dequantize_blocks(self.ggml_type, fields).astype(dtype)
+    def weight_of(self, dtype: mx.Dtype, rows: mx.array | None = None, after: mx.array | None = None) -> mx.array:
+        """The weights (or the rows `rows` of them) in `dtype`; with `after`, computed only once
+        `after` is: MLX would otherwise schedule every layer's (input-independent) dequantization
+        at the start of a forward pass and hold all the dense weights at once."""
+        names = [k for k, v in self.items() if isinstance(v, mx.array)]
+        arrays = [self[k] if rows is None else self[k][rows] for k in names]
+        if after is not None:
+            arrays = mx.depends(arrays, [after])
+        return dequantize_blocks(self.ggml_type, dict(zip(names, arrays)), dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.weight_of(x.dtype).T
+        return x @ self.weight_of(x.dtype, after=x).T
 
 
 class BlockEmbedding(BlockLinear):

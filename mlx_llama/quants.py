@@ -322,7 +322,7 @@ class Blocks:
     fields: dict[str, mx.array]
 
     def dequantize(self, dtype=mx.float32) -> mx.array:
-        return dequantize_blocks(self.ggml_type, self.fields).astype(dtype)
+        return dequantize_blocks(self.ggml_type, self.fields, dtype)
 
 
 def _split_blocks(ggml_type: int, blocks: np.ndarray) -> Blocks:
@@ -360,14 +360,19 @@ def _q2_k_mx(scales, qs, d, dmin):
     return (dl * q - ml).reshape(*lead[:-1], -1)
 
 
-_BLOCK_DEQUANTIZERS = {Q6_K: mx.compile(_q6_k_mx), Q2_K: mx.compile(_q2_k_mx)}
+_BLOCK_VALUES = {Q6_K: _q6_k_mx, Q2_K: _q2_k_mx}
+_compiled: dict = {}
 
 
-def dequantize_blocks(ggml_type: int, fields) -> mx.array:
+def dequantize_blocks(ggml_type: int, fields, dtype: mx.Dtype = mx.float32) -> mx.array:
     """gguf's float32 values of `Blocks` fields (any leading shape, e.g. rows picked by an
-    embedding lookup): (..., n_blocks, …) → (..., n_blocks · 256). Elementwise work that
-    `mx.compile` fuses into one pass over the blocks."""
-    return _BLOCK_DEQUANTIZERS[ggml_type](**fields)
+    embedding lookup), cast to `dtype`: (..., n_blocks, …) → (..., n_blocks · 256). Elementwise
+    work that `mx.compile` fuses into one pass over the blocks, writing only the `dtype` result."""
+    fn = _compiled.get((ggml_type, dtype))
+    if fn is None:
+        values = _BLOCK_VALUES[ggml_type]
+        fn = _compiled[ggml_type, dtype] = mx.compile(lambda **f: values(**f).astype(dtype))
+    return fn(**fields)
 
 
 def subblock16_values(ggml_type: int, blocks: np.ndarray) -> Dense:

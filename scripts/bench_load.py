@@ -22,17 +22,19 @@ import numpy as np
 
 T_Q4_0, T_Q4_K, T_Q6_K, T_F32 = 2, 12, 14, 0
 BLOCK = {T_Q4_0: (32, 18), T_Q4_K: (256, 144), T_Q6_K: (256, 210), T_F32: (1, 4)}
-# byte offsets of the float16 fields in each block type: the rest may be any bits
+# byte offsets of the float16 fields in each block type (the rest may be any bits), and their
+# value: weights then reach about ±0.02, as in a real 7B model, so float16 activations stay finite
 F16_FIELDS = {T_Q4_0: (0,), T_Q4_K: (0, 2), T_Q6_K: (208,)}
+F16_VALUE = {T_Q4_0: 0.002, T_Q4_K: 2e-5, T_Q6_K: 5e-6}
 
 
 def random_blocks(rng, rows: int, cols: int, qtype: int) -> np.ndarray:
     block, size = BLOCK[qtype]
-    if qtype == T_F32:
-        return rng.standard_normal((rows, cols), dtype=np.float32)
+    if qtype == T_F32:  # norm weights
+        return 1 + 0.1 * rng.standard_normal((rows, cols), dtype=np.float32)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for off in F16_FIELDS[qtype]:
-        raw[..., off : off + 2] = np.full(raw.shape[:-1], 0.002, np.float16)[..., None].view(np.uint8)
+        raw[..., off : off + 2] = np.full(raw.shape[:-1], F16_VALUE[qtype], np.float16)[..., None].view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -55,6 +57,8 @@ def make_7b(path: str, recipe: str, layers: int, vocab_from: str | None) -> None
                 sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
                 w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
         vocab = len(r.fields["tokenizer.ggml.tokens"].contents())
+    else:  # no tokenizer: the vocabulary size says how many rows the embedding has
+        w.add_uint32("llama.vocab_size", vocab)
 
     def kind(name: str, i: int) -> int:
         if recipe == "Q4_0":
