@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import cuda_kernels, kernels
 from .cache import KVCache
 from .gguf_file import ModelConfig
 from .quants import dequantize_blocks
@@ -51,6 +51,13 @@ class BlockLinear(nn.Module):
         return dequantize_blocks(self.ggml_type, dict(zip(names, arrays)), dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if cuda_kernels.available():
+            fields = {k: v for k, v in self.items() if isinstance(v, mx.array)}
+            if x.size // x.shape[-1] <= cuda_kernels.MATVEC_MAX_ROWS:  # decoding: read only the blocks
+                return cuda_kernels.block_matvec(x, self.ggml_type, fields)
+            names = list(fields)
+            fields = dict(zip(names, mx.depends([fields[k] for k in names], [x])))
+            return x @ cuda_kernels.dequantize(self.ggml_type, fields, x.dtype).T
         return x @ self.weight_of(x.dtype, after=x).T
 
 

@@ -36,27 +36,30 @@ from mlx_llama.loader import load_model  # noqa: E402
 from mlx_llama.sample import SamplingParams  # noqa: E402
 
 
-def run_once(model, prompt: list[int], gen: int) -> tuple[float, float]:
+def run_once(model, prompt: list[int], gen: int) -> tuple[float, float, float, float]:
+    """prompt and generation tokens/s, and the peak MLX memory (GiB) during each."""
     cache = model.make_cache()
     ids = mx.array(prompt, mx.int32)
     mx.eval(ids)
+    mx.reset_peak_memory()
     t0 = time.perf_counter()
     logits = generation.prefill(model, ids, cache)
     mx.eval(logits, [c.state for c in cache])
     pp = time.perf_counter() - t0
+    pp_peak = mx.get_peak_memory() / 2**30
     first = int(mx.argmax(logits, axis=-1).item())
+    mx.reset_peak_memory()
     it = generation.generate_tokens(model, [first], SamplingParams(temp=0), gen + 1, cache=cache)
     next(it)
     t0 = time.perf_counter()
     n = sum(1 for _ in it)
     tg = time.perf_counter() - t0
-    return len(prompt) / pp, n / tg
+    return len(prompt) / pp, n / tg, pp_peak, mx.get_peak_memory() / 2**30
 
 
 def bench_form(path: str, form: str, prompt: list[int], gen: int, reps: int) -> dict:
     quants.set_subblock16_form(form)
     mx.clear_cache()
-    mx.reset_peak_memory()
     t0 = time.perf_counter()
     model = load_model(GGUFFile(path))
     mx.eval(model.parameters())
@@ -65,7 +68,7 @@ def bench_form(path: str, form: str, prompt: list[int], gen: int, reps: int) -> 
     runs = [run_once(model, prompt, gen) for _ in range(reps + 1)][1:]  # the first warms up
     out = {"form": form, "load_s": load_s, "mlx_weights_gib": held / 2**30,
            "pp_tps": max(r[0] for r in runs), "tg_tps": max(r[1] for r in runs),
-           "peak_gib": mx.get_peak_memory() / 2**30}
+           "pp_peak_gib": max(r[2] for r in runs), "tg_peak_gib": max(r[3] for r in runs)}
     del model
     quants.set_subblock16_form()
     return out
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--llama-bench", default=None)
+    ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(__file__), "..", "tests", ".cache", "vocab", "ggml-vocab-llama-spm.gguf"),
+                    help="a GGUF whose 32000-token vocabulary the file gets (llama.cpp loads no file without one)")
     args = ap.parse_args(argv)
 
     os.makedirs(args.dir, exist_ok=True)
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
         paths[layers] = os.path.join(args.dir, f"llama2-7b-shape-random-Q4_K_M-{layers}l.gguf")
         if not os.path.exists(paths[layers]):
             t0 = time.perf_counter()
-            make_7b(paths[layers], "Q4_K_M", layers, None)
+            make_7b(paths[layers], "Q4_K_M", layers, args.vocab_from if os.path.exists(args.vocab_from) else None)
             print(f"wrote {paths[layers]} ({os.path.getsize(paths[layers]) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f}s", flush=True)
     path = paths[args.layers]
     f = GGUFFile(path)
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     for form in args.forms.split(","):
         r = bench_form(path, form, prompt, args.gen, args.reps)
         print(f"mlx_llama {form:6} | load {r['load_s']:5.1f} s | weights {r['mlx_weights_gib']:.2f} GiB "
-              f"({r['mlx_weights_gib'] * 2**30 / tensor_bytes:.2f}× file) | peak {r['peak_gib']:.2f} GiB | "
+              f"({r['mlx_weights_gib'] * 2**30 / tensor_bytes:.2f}× file) | peak pp {r['pp_peak_gib']:.2f} / tg {r['tg_peak_gib']:.2f} GiB | "
               f"pp512 {r['pp_tps']:8.1f} tok/s | tg{args.gen} {r['tg_tps']:6.1f} tok/s", flush=True)
     if args.llama_bench:
         r = llama_bench(args.llama_bench, path, args.reps)

@@ -1,0 +1,119 @@
+"""CUDA kernels for the Q2_K/Q6_K blocks (`quants.Blocks`) on MLX's CUDA backend.
+
+MLX has no 16-weight-group quantized matmul, so these layers keep the file's blocks. With MLX
+ops alone, each use writes the whole weight out in the compute dtype and reads it back; on a
+GPU two `mx.fast.cuda_kernel`s do better:
+
+* `block_matvec` — x @ W.T for a few rows of x (decoding): each warp walks one weight row's
+  blocks, lanes take 8 weights of each 256-weight block (the bytes they read are consecutive
+  across the warp), accumulate in float32 and reduce with shuffles. It reads only the blocks.
+* `dequantize` — the weights in the compute dtype (prefill: then one cuBLAS matmul), one thread
+  per weight, each value computed as gguf computes it (float32, round-to-nearest intrinsics so
+  the compiler fuses no multiply-add): identical to `quants.dequantize_blocks`.
+
+Both take the fields as `quants._split_blocks` makes them: Q6_K qs (rows, nb, 192: 128 bytes of
+low 4 bits, then 64 of high 2 bits), scales (rows, nb, 16) int8, d (rows, nb) float16; Q2_K
+scales (rows, nb, 16) uint8, qs (rows, nb, 64), d and dmin (rows, nb) float16.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+Q2_K, Q6_K = 10, 14
+MATVEC_MAX_ROWS = 8  # rows of x up to which `block_matvec` beats dequantize + matmul
+
+# -- the value of weight i (0..255) of block blk, as float32: gguf's arithmetic --------------------
+_VALUE = {
+    Q6_K: """
+    const uint8_t* bq = qs + blk * 192;
+    const int h = i >> 7, j = i & 127, part = j >> 5, l = j & 31;
+    const uint8_t low = bq[64 * h + l + 32 * (part & 1)];
+    const int q = (((part >> 1) ? (low >> 4) : (low & 15)) | (((bq[128 + 32 * h + l] >> (2 * part)) & 3) << 4)) - 32;
+    const float dl = __fmul_rn(static_cast<float>(d[blk]), static_cast<float>(scales[blk * 16 + (i >> 4)]));
+    const float w = __fmul_rn(dl, static_cast<float>(q));
+""",
+    Q2_K: """
+    const int h = i >> 7, j = i & 127, part = j >> 5, l = j & 31;
+    const int q = (qs[blk * 64 + 32 * h + l] >> (2 * part)) & 3;
+    const uint8_t sc = scales[blk * 16 + (i >> 4)];
+    const float dl = __fmul_rn(static_cast<float>(d[blk]), static_cast<float>(sc & 15));
+    const float ml = __fmul_rn(static_cast<float>(dmin[blk]), static_cast<float>(sc >> 4));
+    const float w = __fsub_rn(__fmul_rn(dl, static_cast<float>(q)), ml);
+""",
+}
+_FIELDS = {Q6_K: ["qs", "scales", "d"], Q2_K: ["scales", "qs", "d", "dmin"]}
+
+_DEQUANTIZE = """
+    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= N) return;
+    const int64_t blk = idx >> 8;
+    const int i = int(idx & 255);
+{value}
+    out[idx] = static_cast<OutT>(w);
+"""
+
+_MATVEC = """
+    const int row = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= ROWS) return;
+    float acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+    for (int b = 0; b < NB; ++b) {{
+        const int64_t blk = int64_t(row) * NB + b;
+        for (int k = 0; k < 8; ++k) {{
+            const int i = 32 * k + lane;  // weight i of the block: consecutive lanes, consecutive bytes
+{value}
+            for (int t = 0; t < NT; ++t) acc[t] += w * static_cast<float>(x[int64_t(t) * NB * 256 + b * 256 + i]);
+        }}
+    }}
+    for (int t = 0; t < NT; ++t) {{
+        float v = acc[t];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffff, v, off);
+        if (lane == 0) out[int64_t(t) * ROWS + row] = static_cast<OutT>(v);
+    }}
+"""
+
+_kernels: dict = {}
+
+
+def available() -> bool:
+    """True where these kernels can run: MLX's CUDA backend, default device the GPU."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def _kernel(kind: str, ggml_type: int):
+    key = (kind, ggml_type)
+    if key not in _kernels:
+        fields = _FIELDS[ggml_type]
+        body = (_DEQUANTIZE if kind == "dequantize" else _MATVEC).format(value=_VALUE[ggml_type])
+        inputs = fields if kind == "dequantize" else ["x", *fields]
+        _kernels[key] = mx.fast.cuda_kernel(name=f"mlx_llama_{kind}_{ggml_type}", input_names=inputs, output_names=["out"], source=body)
+    return _kernels[key]
+
+
+def dequantize(ggml_type: int, fields: dict, dtype: mx.Dtype) -> mx.array:
+    """(rows, nb, …) blocks → (rows, nb · 256) weights in `dtype`."""
+    rows, nb = fields["d"].shape
+    n = rows * nb * 256
+    return _kernel("dequantize", ggml_type)(
+        inputs=[fields[k] for k in _FIELDS[ggml_type]],
+        template=[("N", n), ("OutT", dtype)],
+        grid=(n, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(rows, nb * 256)], output_dtypes=[dtype],
+    )[0]
+
+
+def block_matvec(x: mx.array, ggml_type: int, fields: dict) -> mx.array:
+    """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows), float32 sums."""
+    rows, nb = fields["d"].shape
+    lead = x.shape[:-1]
+    nt = 1
+    for n in lead:
+        nt *= n
+    return _kernel("matvec", ggml_type)(
+        inputs=[x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])],
+        template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("OutT", x.dtype)],
+        grid=(rows * 32, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
+    )[0].reshape(*lead, rows)
