@@ -75,15 +75,19 @@ def bench_form(path: str, form: str, prompt: list[int], gen: int, reps: int) -> 
 
 
 def gpu_vs_cpu(path: str, tokens: list[int]) -> dict:
-    """The model on the default device, compact form, in float32 and in its default dtype
-    (float16 on a GPU), against the float32 CPU model (weights expanded) on the same tokens."""
+    """The model on the default device in its compact form, in float32 and in its default dtype
+    (float16 on a GPU), against the float32 CPU model: with the same compact weights (the GPU
+    kernels against MLX's CPU ones: float32 rounding) and with every weight expanded exactly
+    (adds the float16 rounding of Q4_K's scales in the compact form)."""
     with mx.stream(mx.cpu):
-        cpu_model = load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=True)
-        cpu = np.array(cpu_model(mx.array([tokens]))[0])
-    out = {"logit_scale": float(np.abs(cpu).max())}
+        refs = {name: np.array(load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=expand)(mx.array([tokens]))[0])
+                for name, expand in (("cpu_compact", False), ("cpu_expanded", True))}
+    out = {"logit_scale": float(np.abs(refs["cpu_expanded"]).max())}
     for name, dtype in (("float32", mx.float32), ("default", None)):
         ours = np.array(load_model(GGUFFile(path), dtype=dtype, cpu_dequantize=False)(mx.array([tokens]))[0].astype(mx.float32))
-        out[name] = {"top1_agree": float((ours.argmax(-1) == cpu.argmax(-1)).mean()), "max_abs_dlogit": float(np.abs(ours - cpu).max())}
+        for ref_name, ref in refs.items():
+            out[f"{name} vs {ref_name}"] = {"top1_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean()),
+                                            "max_abs_dlogit": float(np.abs(ours - ref).max())}
     return out
 
 

@@ -53,6 +53,17 @@ def main() -> int:
             err = float(np.abs(got - want).max() / np.abs(want).max())
             ok &= err < 1e-5
             print(f"{name} matvec x({nt}, {6 * 256}) float32: max relative error {err:.2e}")
+    # MLX's own float32 GPU matmuls against float64 (is TF32 in play?)
+    rng = np.random.default_rng(1)
+    a, w = rng.standard_normal((16, 4096)).astype(np.float32), rng.standard_normal((1024, 4096)).astype(np.float32)
+    exact = a.astype(np.float64) @ w.T.astype(np.float64)
+    dense = np.array(mx.array(a) @ mx.array(w).T)
+    wq, sc, bi = mx.quantize(mx.array(w), group_size=32, bits=4)
+    wdq = np.array(mx.dequantize(wq, sc, bi, group_size=32, bits=4)).astype(np.float64)
+    for label, x in (("1 row", a[:1]), ("16 rows", a)):
+        q = np.array(mx.quantized_matmul(mx.array(x), wq, sc, bi, transpose=True, group_size=32, bits=4))
+        print(f"MLX GPU float32 quantized_matmul ({label}): max relative error {np.abs(q - x.astype(np.float64) @ wdq.T).max() / np.abs(q).max():.2e}")
+    print(f"MLX GPU float32 matmul: max relative error {np.abs(dense - exact).max() / np.abs(exact).max():.2e} (float32 ≈ 1e-7, TF32 ≈ 1e-3)")
     # speed on a 7B ffn_down-sized Q6_K tensor (4096 × 11008)
     rows, nb = 4096, 11008 // 256
     fields = random_fields(quants.Q6_K, rows, nb, scale=1e-5)

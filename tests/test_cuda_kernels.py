@@ -1,0 +1,64 @@
+"""The CUDA kernels for Q2_K/Q6_K blocks (`mlx_llama.cuda_kernels`); skipped without MLX's CUDA backend.
+
+Run on an NVIDIA GPU with MLX-CUDA: `python -m pytest tests/test_cuda_kernels.py`.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_llama import cuda_kernels, quants
+from mlx_llama.model import BlockLinear
+
+pytestmark = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
+
+SIZES = {quants.Q6_K: 210, quants.Q2_K: 84}
+F16_AT = {quants.Q6_K: (208,), quants.Q2_K: (80, 82)}
+TYPES = [quants.Q6_K, quants.Q2_K]
+
+
+def random_fields(ggml_type: int, rows: int, nb: int, seed: int = 0):
+    """Valid blocks: random bytes, random float16 scales."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (rows, nb, SIZES[ggml_type]), dtype=np.uint8)
+    for at in F16_AT[ggml_type]:
+        b[..., at : at + 2] = (rng.standard_normal((rows, nb)) * 1e-3).astype(np.float16)[..., None].view(np.uint8)
+    return quants._split_blocks(ggml_type, b).fields
+
+
+def cpu_values(ggml_type, fields) -> np.ndarray:
+    with mx.stream(mx.cpu):
+        return np.array(quants.dequantize_blocks(ggml_type, fields))
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=["Q6_K", "Q2_K"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
+def test_dequantize_is_exact(ggml_type, dtype):
+    """gguf's values (checked against gguf on the CPU in test_quants.py), bit for bit, then cast."""
+    fields = random_fields(ggml_type, 48, 5)
+    ours = np.array(cuda_kernels.dequantize(ggml_type, fields, dtype).astype(mx.float32))
+    np.testing.assert_array_equal(ours, cpu_values(ggml_type, fields).astype(np.dtype(str(dtype).split(".")[-1])).astype(np.float32))
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=["Q6_K", "Q2_K"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_matvec_matches_dense(ggml_type, rows):
+    """Float32 sums over the exact weights: relative error at float32 rounding."""
+    fields = random_fields(ggml_type, 40, 6, seed=rows)
+    x = mx.random.normal((rows, 6 * 256), key=mx.random.key(rows))
+    want = np.array(x).astype(np.float64) @ cpu_values(ggml_type, fields).T.astype(np.float64)
+    got = np.array(cuda_kernels.block_matvec(x, ggml_type, fields))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_block_linear_uses_both_paths():
+    """BlockLinear on the GPU: matvec for up to 8 rows, dequantize + matmul beyond; same results."""
+    fields = random_fields(quants.Q6_K, 64, 4)
+    layer = BlockLinear(quants.Q6_K, fields)
+    w = cpu_values(quants.Q6_K, fields).astype(np.float64)
+    for shape in [(1, 1, 1024), (1, 8, 1024), (2, 40, 1024)]:
+        x = mx.random.normal(shape, key=mx.random.key(shape[1]))
+        got = np.array(layer(x))
+        want = np.array(x).astype(np.float64) @ w.T
+        assert got.shape == (*shape[:-1], 64)
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
