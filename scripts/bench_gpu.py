@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, f.config().vocab_size, 512).tolist()
     print("check (2 layers):", json.dumps(gpu_vs_cpu(paths[2], prompt[:16])), flush=True)
-    for form in args.forms.split(","):
+    for form in filter(None, args.forms.split(",")):
         r = bench_form(path, form, prompt, args.gen, args.reps)
         print(f"mlx_llama {form:6} | load {r['load_s']:5.1f} s | weights {r['mlx_weights_gib']:.2f} GiB "
               f"({r['mlx_weights_gib'] * 2**30 / tensor_bytes:.2f}× file) | peak pp {r['pp_peak_gib']:.2f} / tg {r['tg_peak_gib']:.2f} GiB | "

@@ -52,7 +52,11 @@ def test_matvec_matches_dense(ggml_type, rows):
 
 
 def test_block_linear_uses_both_paths():
-    """BlockLinear on the GPU: matvec for up to 8 rows, dequantize + matmul beyond; same results."""
+    """BlockLinear on the GPU: matvec for up to 8 rows, dequantize + matmul beyond. The matmul is
+    cuBLAS's, which by MLX's default (MLX_ENABLE_TF32=1) runs float32 products as TF32: ~1e-3."""
+    import os
+
+    tf32 = os.environ.get("MLX_ENABLE_TF32", "1") != "0"
     fields = random_fields(quants.Q6_K, 64, 4)
     layer = BlockLinear(quants.Q6_K, fields)
     w = cpu_values(quants.Q6_K, fields).astype(np.float64)
@@ -61,4 +65,5 @@ def test_block_linear_uses_both_paths():
         got = np.array(layer(x))
         want = np.array(x).astype(np.float64) @ w.T
         assert got.shape == (*shape[:-1], 64)
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+        tol = 3e-3 if tf32 and shape[1] > cuda_kernels.MATVEC_MAX_ROWS else 1e-5
+        assert np.abs(got - want).max() <= tol * np.abs(want).max(), shape
