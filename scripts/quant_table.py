@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compact-only", action="store_true", help="only the compact-form check over 64 tokens (no perplexities)")
     args = ap.parse_args(argv)
 
     text_path = args.text or "/tmp/dl/sentencepiece-0.2.3/test/botchan.txt"
@@ -130,6 +131,11 @@ def main(argv=None) -> int:
                     c[0] = tokenizer.bos_id
             reference = exact_reference(path)
             row = {"type": kind, "file_types": sorted({gguf.GGMLQuantizationType(t.ggml_type).name for t in GGUFFile(path).tensors.values()})}
+            if args.compact_only:
+                row |= compact_exactness(path, reference, chunks[0][:64])
+                print(f"{kind:8} compact: max|Δ| {row['max_abs_dlogit']:.2e}, top-1 misses {row['top1_mismatch_at_gap>=1e-2']}  "
+                      f"[{', '.join(row['file_types'])}]", flush=True)
+                continue
             row["ppl_ours"] = ppl_mlx(ours_model, chunks)
             row["ppl_exact"] = ppl_mlx(reference, chunks)
             row["ppl_llama_cpp"], llama_argmax = llama_cpp_scores(path, chunks)
