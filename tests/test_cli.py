@@ -142,3 +142,20 @@ def test_penalties_and_logit_bias_reach_the_sampler(smollm2_path):
     assert banned.exit_code == 0 and banned.stdout != plain.stdout
     bad = runner.invoke(main, base + ["-l", "abc"])
     assert bad.exit_code == 2 and "expected TOKEN_ID+BIAS" in bad.output
+
+
+def test_context_limits(tiny_gguf):
+    """A prompt longer than the context is a one-line error; a generation that reaches the
+    context stops there with that reason (the tiny model's context: 64 tokens)."""
+    path = tiny_gguf("F32", context_length=64)
+    runner = CliRunner()
+    long = runner.invoke(main, ["generate", "-m", str(path), "--raw", "word " * 80, "-n", "4"])
+    assert long.exit_code == 2 and "more than the model's context of 64" in long.output
+    assert "Traceback" not in long.output
+    r = runner.invoke(main, ["generate", "-m", str(path), "--raw", "word " * 50, "-n", "100", "--temp", "0",
+                             "--stop", "\x00never"])
+    assert r.exit_code == 0, r.output
+    assert "finish: context" in r.stderr
+    prompt_tokens = int(r.stderr.split("prompt: ")[1].split(" tokens")[0])
+    generated = int(r.stderr.split("generation: ")[1].split(" tokens")[0])
+    assert prompt_tokens + generated == 64
