@@ -40,32 +40,29 @@ class BlockLinear(nn.Module):
         for name, value in fields.items():
             self[name] = value
 
-    def weight_of(self, dtype: mx.Dtype, rows: mx.array | None = None, after: mx.array | None = None) -> mx.array:
-        """The weights (or the rows `rows` of them) in `dtype`; with `after`, computed only once
-        `after` is: MLX would otherwise schedule every layer's (input-independent) dequantization
-        at the start of a forward pass and hold all the dense weights at once."""
+    def fields(self, rows: mx.array | None = None, after: mx.array | None = None) -> dict[str, mx.array]:
+        """The block fields (or the rows `rows` of them); with `after`, usable only once `after`
+        is computed: MLX would otherwise schedule every layer's (input-independent)
+        dequantization at the start of a forward pass and hold all the dense weights at once."""
         names = [k for k, v in self.items() if isinstance(v, mx.array)]
         arrays = [self[k] if rows is None else self[k][rows] for k in names]
         if after is not None:
             arrays = mx.depends(arrays, [after])
-        return dequantize_blocks(self.ggml_type, dict(zip(names, arrays)), dtype)
+        return dict(zip(names, arrays))
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cuda_kernels.available():
-            fields = {k: v for k, v in self.items() if isinstance(v, mx.array)}
-            if x.size // x.shape[-1] <= cuda_kernels.MATVEC_MAX_ROWS:  # decoding: read only the blocks
-                return cuda_kernels.block_matvec(x, self.ggml_type, fields)
-            names = list(fields)
-            fields = dict(zip(names, mx.depends([fields[k] for k in names], [x])))
-            return x @ cuda_kernels.dequantize(self.ggml_type, fields, x.dtype).T
-        return x @ self.weight_of(x.dtype, after=x).T
+        if not cuda_kernels.available():
+            return x @ dequantize_blocks(self.ggml_type, self.fields(after=x), x.dtype).T
+        if x.size // x.shape[-1] <= cuda_kernels.MATVEC_MAX_ROWS:  # decoding: read only the blocks
+            return cuda_kernels.block_matvec(x, self.ggml_type, self.fields())
+        return x @ cuda_kernels.dequantize(self.ggml_type, self.fields(after=x), x.dtype).T
 
 
 class BlockEmbedding(BlockLinear):
     """An embedding table in Q2_K/Q6_K blocks: a lookup dequantizes only the rows it picks."""
 
     def __call__(self, ids: mx.array) -> mx.array:
-        return self.weight_of(mx.float32, ids)
+        return dequantize_blocks(self.ggml_type, self.fields(rows=ids), mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return super().__call__(x)
