@@ -5,8 +5,10 @@ ops alone, each use writes the whole weight out in the compute dtype and reads i
 GPU two `mx.fast.cuda_kernel`s do better:
 
 * `block_matvec` — x @ W.T for a few rows of x (decoding): each warp walks one weight row's
-  blocks, lanes take 8 weights of each 256-weight block (the bytes they read are consecutive
-  across the warp), accumulate in float32 and reduce with shuffles. It reads only the blocks.
+  blocks (or every SPLIT-th of them, where the rows are too few to fill the GPU), lanes take 8
+  weights of each 256-weight block (the bytes they read are consecutive across the warp),
+  accumulate in float32 and reduce with shuffles; a split row's partial sums are added after.
+  It reads only the blocks.
 * `dequantize` — the weights in the compute dtype (prefill: then one cuBLAS matmul), one thread
   per weight, each value computed as gguf computes it (float32, round-to-nearest intrinsics so
   the compiler fuses no multiply-add): identical to `quants.dequantize_blocks`.
@@ -54,12 +56,14 @@ _DEQUANTIZE = """
 """
 
 _MATVEC = """
-    const int row = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
+    // warp w sums blocks part, part + SPLIT, … of row w / SPLIT into out[part] (summed afterwards)
+    const int warp = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
     const int lane = threadIdx.x & 31;
+    const int row = warp / SPLIT, part = warp % SPLIT;
     if (row >= ROWS) return;
     float acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-    for (int b = 0; b < NB; ++b) {{
+    for (int b = part; b < NB; b += SPLIT) {{
         const int64_t blk = int64_t(row) * NB + b;
         for (int k = 0; k < 8; ++k) {{
             const int i = 32 * k + lane;  // weight i of the block: consecutive lanes, consecutive bytes
@@ -70,9 +74,11 @@ _MATVEC = """
     for (int t = 0; t < NT; ++t) {{
         float v = acc[t];
         for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffff, v, off);
-        if (lane == 0) out[int64_t(t) * ROWS + row] = static_cast<OutT>(v);
+        if (lane == 0) out[(int64_t(part) * NT + t) * ROWS + row] = v;
     }}
 """
+# Enough warps to fill a large GPU (~16K): rows with few warps are split along their blocks.
+TARGET_WARPS = 16384
 
 _kernels: dict = {}
 
@@ -111,9 +117,11 @@ def block_matvec(x: mx.array, ggml_type: int, fields: dict) -> mx.array:
     nt = 1
     for n in lead:
         nt *= n
-    return _kernel("matvec", ggml_type)(
+    split = max(1, min(nb, -(-TARGET_WARPS // rows)))
+    out = _kernel("matvec", ggml_type)(
         inputs=[x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])],
-        template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("OutT", x.dtype)],
-        grid=(rows * 32, 1, 1), threadgroup=(256, 1, 1),
-        output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
-    )[0].reshape(*lead, rows)
+        template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("SPLIT", split)],
+        grid=(rows * split * 32, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(split, nt, rows)], output_dtypes=[mx.float32],
+    )[0]
+    return out.sum(axis=0).astype(x.dtype).reshape(*lead, rows)  # a fixed order: deterministic
