@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-Q2_K, Q6_K = 10, 14
+from .quants import Q2_K, Q6_K
 MATVEC_MAX_ROWS = 8  # rows of x up to which `block_matvec` beats dequantize + matmul
 
 # -- the value of weight i (0..255) of block blk, as float32: gguf's arithmetic --------------------

@@ -375,9 +375,13 @@ def dequantize_blocks(ggml_type: int, fields, dtype: mx.Dtype = mx.float32) -> m
     return fn(**fields)
 
 
+_SUBBLOCK16_VALUES = {Q2_K: q2_k_values, Q6_K: q6_k_values}  # numpy, as gguf computes them
+SUBBLOCK16 = tuple(_SUBBLOCK16_VALUES)
+
+
 def subblock16_values(ggml_type: int, blocks: np.ndarray) -> Dense:
     """gguf's float32 values of Q2_K/Q6_K blocks (rows, nb, type_size), as a dense array."""
-    w = {Q2_K: q2_k_values, Q6_K: q6_k_values}[ggml_type](blocks)
+    w = _SUBBLOCK16_VALUES[ggml_type](blocks)
     return Dense(mx.array(w.reshape(blocks.shape[0], -1)))
 
 
@@ -411,7 +415,7 @@ def _subblock16_format(name: str, ggml_type: int, type_size: int, form) -> Forma
     if form == "dense":
         return Format(name, 256, type_size, lambda blocks: subblock16_values(ggml_type, blocks),
                       "dense float16 (each weight rounded once to float16)", 16)
-    return Format(name, 256, type_size, lambda blocks: requantize({Q2_K: q2_k_values, Q6_K: q6_k_values}[ggml_type](blocks), form),
+    return Format(name, 256, type_size, lambda blocks: requantize(_SUBBLOCK16_VALUES[ggml_type](blocks), form),
                   f"affine {form}-bit, group 32, re-quantized (lossy: ≤ half a step + float16 rounding of the min)",
                   affine_bits_per_weight(form))
 
@@ -453,9 +457,6 @@ FORMATS: dict[int, Format] = {
 }
 
 
-SUBBLOCK16 = (Q2_K, Q6_K)
-
-
 def set_subblock16_form(form: str | int = "blocks") -> None:
     """Choose how Q2_K and Q6_K tensors are kept when the weights stay compact (they have no
     exact affine form; the CPU path that expands weights at load is unaffected: gguf's values).
@@ -463,7 +464,8 @@ def set_subblock16_form(form: str | int = "blocks") -> None:
     "blocks" (the default): the file's blocks, the file's size (Q6_K 6.5625, Q2_K 2.625 bits per
     weight), dequantized to the compute dtype each time the layer runs — exact, but every use
     pays a pass over the blocks. "dense": float16, 16 bits per weight, each weight gguf's value
-    rounded once (the fastest to multiply). `bits` in {2, 3, 4, 5, 6, 8}: `bits`-bit affine,
+    rounded once (a plain float16 matmul: faster for long prompts, slower to decode on a GPU
+    than the CUDA block kernels, README). `bits` in {2, 3, 4, 5, 6, 8}: `bits`-bit affine,
     group 32, re-quantized by `requantize` — `bits` + 1 bits per weight, error ≤ half a step of
     each 32-weight group's range plus the float16 rounding of its minimum (8 → 9 bpw, error ≈
     (max − min) / 510 per group; 6 → 7 bpw, ≈ (max − min) / 126; Q6_K's own step is about

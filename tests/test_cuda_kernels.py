@@ -9,21 +9,17 @@ import pytest
 
 from mlx_llama import cuda_kernels, quants
 from mlx_llama.model import BlockLinear
+from test_quants import random_blocks
 
 pytestmark = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
 
-SIZES = {quants.Q6_K: 210, quants.Q2_K: 84}
-F16_AT = {quants.Q6_K: (208,), quants.Q2_K: (80, 82)}
 TYPES = [quants.Q6_K, quants.Q2_K]
 
 
 def random_fields(ggml_type: int, rows: int, nb: int, seed: int = 0):
-    """Valid blocks: random bytes, random float16 scales."""
-    rng = np.random.default_rng(seed)
-    b = rng.integers(0, 256, (rows, nb, SIZES[ggml_type]), dtype=np.uint8)
-    for at in F16_AT[ggml_type]:
-        b[..., at : at + 2] = (rng.standard_normal((rows, nb)) * 1e-3).astype(np.float16)[..., None].view(np.uint8)
-    return quants._split_blocks(ggml_type, b).fields
+    """Valid blocks (`test_quants.random_blocks`), split into the fields the kernels take."""
+    blocks = random_blocks(ggml_type, rows, nb, seed)
+    return quants._split_blocks(ggml_type, blocks.reshape(rows, nb, -1)).fields
 
 
 def cpu_values(ggml_type, fields) -> np.ndarray:
