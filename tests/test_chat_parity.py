@@ -25,11 +25,6 @@ def chat_golden():
         return json.load(f)
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    return mlx_llama.load(smollm2_path)
-
-
 def test_rendered_prompts_are_the_goldens(smollm2, chat_golden):
     _, tokenizer = smollm2
     template = template_for(tokenizer.metadata)

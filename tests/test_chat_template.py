@@ -70,16 +70,6 @@ def S(c):
 
 
 @pytest.fixture(scope="module")
-def smol_gguf(smollm2_path) -> GGUFFile:
-    return GGUFFile(smollm2_path)
-
-
-@pytest.fixture(scope="module")
-def smol_tok(smol_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(smol_gguf)
-
-
-@pytest.fixture(scope="module")
 def smol_template(smol_gguf) -> ChatTemplate:
     return template_for(smol_gguf.metadata)
 
@@ -155,23 +145,23 @@ SMOL_CASES = [c for c in CASES if c["template"] == "smollm2"]
 
 
 @pytest.mark.parametrize("case", SMOL_CASES, ids=case_id)
-def test_smollm2_tokens_equal_llama_cpp_golden(case, smol_tok):
+def test_smollm2_tokens_equal_llama_cpp_golden(case, smol_tokenizer):
     if "llama_cpp_tokens" not in case:
         pytest.skip("golden file made without llama_cpp")
     text = case["expected"]
-    assert smol_tok.encode(text, add_special=False, parse_special=True) == case["llama_cpp_tokens"]
-    assert not smol_tok.add_bos  # so llama.cpp's chat mode adds nothing either
-    assert encode_chat(smol_tok, text) == case["llama_cpp_tokens"]
+    assert smol_tokenizer.encode(text, add_special=False, parse_special=True) == case["llama_cpp_tokens"]
+    assert not smol_tokenizer.add_bos  # so llama.cpp's chat mode adds nothing either
+    assert encode_chat(smol_tokenizer, text) == case["llama_cpp_tokens"]
 
 
-def test_smollm2_tokens_equal_llama_cpp_live(smollm2_path, smol_tok):
+def test_smollm2_tokens_equal_llama_cpp_live(smollm2_path, smol_tokenizer):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) is not installed")
     llm = llama_cpp.Llama(str(smollm2_path), vocab_only=True, verbose=False)
     for case in SMOL_CASES:
         text = case["expected"]
         theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
-        assert smol_tok.encode(text, add_special=False, parse_special=True) == theirs, case_id(case)
-        assert encode_chat(smol_tok, text) == theirs, case_id(case)
+        assert smol_tokenizer.encode(text, add_special=False, parse_special=True) == theirs, case_id(case)
+        assert encode_chat(smol_tokenizer, text) == theirs, case_id(case)
         # llama.cpp's chat mode: the vocabulary's BOS (none here) + the text's tokens
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == theirs
 
@@ -398,10 +388,10 @@ def test_looks_templated_across_families():
     assert not looks_templated("[INST] hi [/INST]", chatml)
 
 
-def test_stop_token_ids(smol_tok, smol_template):
-    ids = stop_token_ids(smol_template, smol_tok)
-    assert ids == {smol_tok.encode("<|im_end|>", add_special=False, parse_special=True)[0]} == {2}
-    assert ids <= smol_tok.stop_ids
+def test_stop_token_ids(smol_tokenizer, smol_template):
+    ids = stop_token_ids(smol_template, smol_tokenizer)
+    assert ids == {smol_tokenizer.encode("<|im_end|>", add_special=False, parse_special=True)[0]} == {2}
+    assert ids <= smol_tokenizer.stop_ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,11 +53,6 @@ def test_smollm2_matches_oracle(smollm2_path, reference, cpu_dequantize):
     assert np.abs(ours - ref).max() <= 1e-3
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    return mlx_llama.load(smollm2_path, dtype=mx.float32, cpu_dequantize=True)
-
-
 def test_smollm2_greedy_matches_oracle(smollm2, smollm2_path, reference):
     """48 greedy tokens from each golden prompt equal the oracle's, unless the oracle's top-2 tie."""
     model, _ = smollm2

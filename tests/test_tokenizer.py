@@ -160,16 +160,6 @@ def check_against_llama_cpp(tok: Tokenizer, ref: LlamaCppVocab, strings: list[st
 
 
 @pytest.fixture(scope="module")
-def smol_gguf(smollm2_path) -> GGUFFile:
-    return GGUFFile(smollm2_path)
-
-
-@pytest.fixture(scope="module")
-def smol(smol_gguf) -> Tokenizer:
-    return Tokenizer.from_gguf(smol_gguf)
-
-
-@pytest.fixture(scope="module")
 def smol_ref(smollm2_path) -> LlamaCppVocab:
     return LlamaCppVocab(smollm2_path)
 
@@ -248,27 +238,27 @@ def vocab_tokenizer(name: str, *suffixes: str) -> Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_smollm2_vocabulary(smol):
-    assert (smol.model, smol.pre, smol.vocab_size) == ("gpt2", "smollm", 49152)
-    assert (smol.add_bos, smol.add_eos) == (False, False)
-    assert (smol.bos_id, smol.eos_id, smol.pad_id, smol.eom_id) == (1, 2, 2, None)
+def test_smollm2_vocabulary(smol_tokenizer):
+    assert (smol_tokenizer.model, smol_tokenizer.pre, smol_tokenizer.vocab_size) == ("gpt2", "smollm", 49152)
+    assert (smol_tokenizer.add_bos, smol_tokenizer.add_eos) == (False, False)
+    assert (smol_tokenizer.bos_id, smol_tokenizer.eos_id, smol_tokenizer.pad_id, smol_tokenizer.eom_id) == (1, 2, 2, None)
 
 
-def test_smollm2_special_ids_match_llama_cpp(smol, smol_ref):
-    assert smol.stop_ids == smol_ref.eog_ids()
-    assert (smol.bos_id, smol.eos_id) == (smol_ref.role("bos"), smol_ref.role("eos"))
+def test_smollm2_special_ids_match_llama_cpp(smol_tokenizer, smol_ref):
+    assert smol_tokenizer.stop_ids == smol_ref.eog_ids()
+    assert (smol_tokenizer.bos_id, smol_tokenizer.eos_id) == (smol_ref.role("bos"), smol_ref.role("eos"))
     # llama.cpp picks eot among several candidate texts in hash-map order; ours is by priority,
     # but it must be one of llama.cpp's end-of-generation tokens.
-    assert smol.eot_id in smol_ref.eog_ids()
-    assert smol.vocab_size == smol_ref.n_vocab
+    assert smol_tokenizer.eot_id in smol_ref.eog_ids()
+    assert smol_tokenizer.vocab_size == smol_ref.n_vocab
 
 
 @pytest.mark.parametrize("add_special", [False, True])
 @pytest.mark.parametrize("parse_special", [False, True])
-def test_smollm2_encode_matches_llama_cpp(smol, smol_ref, add_special, parse_special):
+def test_smollm2_encode_matches_llama_cpp(smol_tokenizer, smol_ref, add_special, parse_special):
     bad = []
     for s in STRINGS:
-        ours = smol.encode(s, add_special=add_special, parse_special=parse_special)
+        ours = smol_tokenizer.encode(s, add_special=add_special, parse_special=parse_special)
         theirs = smol_ref.tokenize(s, add_special, parse_special)
         if ours != theirs:
             bad.append((s, ours, theirs))
@@ -276,77 +266,77 @@ def test_smollm2_encode_matches_llama_cpp(smol, smol_ref, add_special, parse_spe
 
 
 @pytest.mark.parametrize("special", [False, True])
-def test_smollm2_decode_matches_llama_cpp(smol, smol_ref, special):
+def test_smollm2_decode_matches_llama_cpp(smol_tokenizer, smol_ref, special):
     bad = []
     for s in STRINGS:
         ids = smol_ref.tokenize(s, True, True)
-        if smol.decode(ids, special=special) != smol_ref.detokenize(ids, special):
-            bad.append((s, smol.decode(ids, special=special), smol_ref.detokenize(ids, special)))
+        if smol_tokenizer.decode(ids, special=special) != smol_ref.detokenize(ids, special):
+            bad.append((s, smol_tokenizer.decode(ids, special=special), smol_ref.detokenize(ids, special)))
     assert not bad, f"{len(bad)}/{len(STRINGS)} decodings differ, first: {bad[:3]}"
 
 
-def test_smollm2_token_to_piece_matches_llama_cpp(smol, smol_ref):
-    ids = [*range(64), *range(0, smol.vocab_size, 97), smol.vocab_size - 1]
+def test_smollm2_token_to_piece_matches_llama_cpp(smol_tokenizer, smol_ref):
+    ids = [*range(64), *range(0, smol_tokenizer.vocab_size, 97), smol_tokenizer.vocab_size - 1]
     for special in (False, True):
-        assert [smol.token_to_piece(i, special) for i in ids] == [smol_ref.token_to_piece(i, special) for i in ids]
-    assert smol.token_to_piece(1) == b"" and smol.token_to_piece(1, special=True) == b"<|im_start|>"
+        assert [smol_tokenizer.token_to_piece(i, special) for i in ids] == [smol_ref.token_to_piece(i, special) for i in ids]
+    assert smol_tokenizer.token_to_piece(1) == b"" and smol_tokenizer.token_to_piece(1, special=True) == b"<|im_start|>"
     with pytest.raises(IndexError):
-        smol.token_to_piece(smol.vocab_size)
+        smol_tokenizer.token_to_piece(smol_tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")
-def smol_representable(smol) -> list[str]:
+def smol_representable(smol_tokenizer) -> list[str]:
     """The STRINGS SmolLM2 can represent.
 
     Its byte-level vocabulary lacks a few bytes (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xF1,
     0xF2, ...: so also every code point in U+40000..U+BFFFF); llama.cpp silently drops those.
     """
-    single_bytes = {p[0] for p in map(smol.token_to_piece, range(smol.vocab_size)) if len(p) == 1}
+    single_bytes = {p[0] for p in map(smol_tokenizer.token_to_piece, range(smol_tokenizer.vocab_size)) if len(p) == 1}
     strings = [s for s in STRINGS if set(s.encode()) <= single_bytes]
     assert len(strings) > len(STRINGS) // 2
     return strings
 
 
-def test_smollm2_round_trip(smol, smol_representable):
+def test_smollm2_round_trip(smol_tokenizer, smol_representable):
     for s in smol_representable:
-        assert smol.decode(smol.encode(s, add_special=False)) == s
+        assert smol_tokenizer.decode(smol_tokenizer.encode(s, add_special=False)) == s
         # with parse_special the control tokens come back only when rendered
-        assert smol.decode(smol.encode(s, parse_special=True), special=True) == s
+        assert smol_tokenizer.decode(smol_tokenizer.encode(s, parse_special=True), special=True) == s
 
 
-def test_smollm2_chat_control_tokens(smol, smol_ref):
-    ids = smol.encode(CHAT, parse_special=True)
+def test_smollm2_chat_control_tokens(smol_tokenizer, smol_ref):
+    ids = smol_tokenizer.encode(CHAT, parse_special=True)
     assert ids == smol_ref.tokenize(CHAT, True, True)
-    [im_start] = smol.encode("<|im_start|>", parse_special=True)
-    [im_end] = smol.encode("<|im_end|>", parse_special=True)
+    [im_start] = smol_tokenizer.encode("<|im_start|>", parse_special=True)
+    [im_end] = smol_tokenizer.encode("<|im_end|>", parse_special=True)
     assert (im_start, im_end) == (1, 2)
     assert ids[0] == im_start and ids.count(im_start) == 3 and ids.count(im_end) == 2
-    assert ids[-4:] == [im_start] + smol.encode("assistant\n")
-    assert smol.decode(ids[:4]) == "system\nYou"  # control tokens render as nothing by default
+    assert ids[-4:] == [im_start] + smol_tokenizer.encode("assistant\n")
+    assert smol_tokenizer.decode(ids[:4]) == "system\nYou"  # control tokens render as nothing by default
     # without parse_special the same text is ordinary characters
-    plain = smol.encode(CHAT)
+    plain = smol_tokenizer.encode(CHAT)
     assert im_start not in plain and im_end not in plain
-    assert smol.decode(plain) == CHAT
-    assert im_end in smol.stop_ids
+    assert smol_tokenizer.decode(plain) == CHAT
+    assert im_end in smol_tokenizer.stop_ids
 
 
-def test_smollm2_streaming_detokenizer(smol, smol_representable):
+def test_smollm2_streaming_detokenizer(smol_tokenizer, smol_representable):
     for s in smol_representable:
         for special in (False, True):
-            ids = smol.encode(s, parse_special=True)
-            detok = smol.detokenizer(special)
+            ids = smol_tokenizer.encode(s, parse_special=True)
+            detok = smol_tokenizer.detokenizer(special)
             pieces = [detok.add(i) for i in ids] + [detok.finalize()]
-            assert "".join(pieces) == smol.decode(ids, special=special)
+            assert "".join(pieces) == smol_tokenizer.decode(ids, special=special)
             if "\ufffd" not in s:  # every piece is whole characters: nothing was cut in two
                 assert not any("\ufffd" in p for p in pieces), pieces
     # an emoji spelled with several byte-level tokens comes out whole, once it is complete
-    ids = smol.encode("🦙")
+    ids = smol_tokenizer.encode("🦙")
     assert len(ids) > 1
-    detok = smol.detokenizer()
+    detok = smol_tokenizer.detokenizer()
     assert [detok.add(i) for i in ids] == [""] * (len(ids) - 1) + ["🦙"]
     # a dangling partial character is flushed as U+FFFD, like decode()
-    detok = smol.detokenizer()
-    assert detok.add(ids[0]) + detok.finalize() == smol.decode(ids[:1]) == "\ufffd"
+    detok = smol_tokenizer.detokenizer()
+    assert detok.add(ids[0]) + detok.finalize() == smol_tokenizer.decode(ids[:1]) == "\ufffd"
 
 
 def test_fast_metadata_reader_agrees(smol_gguf, smollm2_path):
