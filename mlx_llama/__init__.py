@@ -4,7 +4,8 @@ from . import _blas
 
 _blas.preload()  # must precede the first `import mlx.core`
 
-from .gguf_file import GGUFError, MlxLlamaError  # noqa: E402  (no MLX needed)
+from .download import default_model  # noqa: E402  (no MLX needed)
+from .errors import GGUFError, MlxLlamaError, MlxLlamaWarning, SlowBLASWarning  # noqa: E402
 
 # The rest imports MLX, so it loads on first use: `mlx_llama --help` and error paths stay fast,
 # and a missing MLX backend can be reported in one line by the CLI.
@@ -16,7 +17,8 @@ _LAZY = {
     "SamplingParams": "sample",
 }
 
-__all__ = ["load", "generate", "stream_generate", "GenerationStats", "SamplingParams", "MlxLlamaError", "GGUFError"]
+__all__ = ["load", "generate", "stream_generate", "default_model", "GenerationStats", "SamplingParams",
+           "MlxLlamaError", "GGUFError", "MlxLlamaWarning", "SlowBLASWarning"]
 __version__ = "0.1.0"
 
 

@@ -6,7 +6,9 @@ exports the standard `cblas_*` symbols and is loaded with RTLD_GLOBAL *before* `
 takes those calls (OpenBLAS: ~210 GFLOP/s on the same machine). This must run before anything
 imports `mlx.core`; `mlx_llama/__init__.py` calls it first thing.
 
-MLX_LLAMA_BLAS=off turns it off; MLX_LLAMA_BLAS=/path/to/libfoo.so picks a library.
+MLX_LLAMA_BLAS=off turns it off; MLX_LLAMA_BLAS=/path/to/libfoo.so picks a library. When the
+model then runs on the CPU without a fast BLAS, `warn_if_slow` says so once per process, with the
+fix (MLX_LLAMA_BLAS_WARNING=off silences it, as does a `warnings` filter on SlowBLASWarning).
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
+
+from .errors import SlowBLASWarning
 
 # Searched in order. Debian/Ubuntu: `apt install libopenblas0` (or libopenblas0-pthread).
 # Intel MKL also works (`pip install mkl` puts libmkl_rt in <prefix>/lib), but weighs ~1 GB.
 CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so", "libmkl_rt.so.3", "libmkl_rt.so.2")
 
+OFF = ("0", "off", "no", "none", "false")
 status = "not checked"  # one line for --verbose
+fast = False  # whether a fast BLAS serves MLX's CPU matmuls
+fix = ""  # how to get one, when not
+_warned = False
 
 
 def _has_cblas(lib: ctypes.CDLL) -> bool:
@@ -33,14 +42,16 @@ def _has_cblas(lib: ctypes.CDLL) -> bool:
 
 def preload() -> str:
     """Load a fast BLAS globally if we can; return (and remember) a line saying what happened."""
-    global status
+    global status, fast, fix
     setting = os.environ.get("MLX_LLAMA_BLAS", "").strip()
     if sys.platform == "darwin":
-        status = "Accelerate (MLX's own on macOS)"
-    elif setting.lower() in ("0", "off", "no", "none", "false"):
+        status, fast = "Accelerate (MLX's own on macOS)", True
+    elif setting.lower() in OFF:
         status = "MLX's bundled reference BLAS (MLX_LLAMA_BLAS=off)"
+        fix = "unset MLX_LLAMA_BLAS to preload OpenBLAS"
     elif "mlx.core" in sys.modules:
-        status = "MLX's bundled BLAS (mlx.core was imported before mlx_llama; import mlx_llama first)"
+        status = "MLX's bundled reference BLAS (mlx.core was imported before mlx_llama)"
+        fix = "import mlx_llama before mlx.core, so that it can preload OpenBLAS"
     else:
         prefix_lib = os.path.join(sys.prefix, "lib")
         names = (setting,) if setting else CANDIDATES + tuple(os.path.join(prefix_lib, n) for n in CANDIDATES[3:])
@@ -50,9 +61,25 @@ def preload() -> str:
             except OSError:
                 continue
             if _has_cblas(lib):
-                status = f"{name} (preloaded)"
+                status, fast = f"{name} (preloaded)", True
                 break
         else:
             missing = f"could not load MLX_LLAMA_BLAS={setting}" if setting else "no OpenBLAS found"
-            status = f"MLX's bundled reference BLAS (slow): {missing}; on Debian/Ubuntu run `sudo apt install libopenblas0`"
+            status = f"MLX's bundled reference BLAS (slow): {missing}"
+            fix = ("point MLX_LLAMA_BLAS at a library exporting cblas_sgemm, or unset it" if setting
+                   else "on Debian/Ubuntu run `sudo apt install libopenblas0`")
     return status
+
+
+def warn_if_slow() -> None:
+    """Once per process: warn that CPU matmuls run on the reference BLAS, and how to fix it."""
+    global _warned
+    if fast or _warned or os.environ.get("MLX_LLAMA_BLAS_WARNING", "").strip().lower() in OFF:
+        return
+    _warned = True
+    warnings.warn(
+        f"the model runs on the CPU with {status}, ~100x slower than OpenBLAS; to fix: {fix} "
+        "(MLX_LLAMA_BLAS_WARNING=off silences this)",
+        SlowBLASWarning,
+        stacklevel=3,
+    )

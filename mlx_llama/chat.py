@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .chat_template import ChatTemplate, encode_chat, stop_token_ids
+from .chat_template import ChatTemplate, template_for
 from .generation import GenerationStats, stream_tokens
+from .prompt import encode_prompt
 from .sample import SamplingParams
-
-
-def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -29,13 +26,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, template: ChatTemplate, *, system: str | None = None,
+    def __init__(self, model, tokenizer, template: ChatTemplate | None = None, *, system: str | None = None,
                  params: SamplingParams | None = None, stop_strings=()):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+        """template: the chat template (default: the file's own; an error when it has none)."""
+        self.model, self.tokenizer = model, tokenizer
+        self.template = template if template is not None else template_for(tokenizer.metadata)
         self.system = system
         self.params = params or SamplingParams()
         self.stop_strings = tuple(stop_strings)
-        self.stop_ids = tokenizer.stop_ids | stop_token_ids(template, tokenizer)
         self.messages: list[dict] = []  # user and assistant turns
         self.cache = model.make_cache()
         self.cached: list[int] = []  # the tokens the cache holds
@@ -49,9 +47,8 @@ class ChatSession:
     def ask(self, text: str, max_tokens: int = 512, stats: GenerationStats | None = None) -> Iterator[str]:
         """Stream the answer to `text`; the turn is kept in the history even if stopped early."""
         stats = stats if stats is not None else GenerationStats()
-        system = [{"role": "system", "content": self.system}] if self.system is not None else []
-        conversation = system + self.messages + [{"role": "user", "content": text}]
-        ids = encode_chat(self.tokenizer, self.template.render(conversation, add_generation_prompt=True))
+        prompt = encode_prompt(self.tokenizer, self.messages + [{"role": "user", "content": text}], self.template, self.system)
+        ids = prompt.ids
         keep = min(common_prefix(ids, self.cached), len(ids) - 1)  # at least one token to prefill
         for layer in self.cache:
             layer.trim(layer.offset - keep)
@@ -59,7 +56,7 @@ class ChatSession:
         started = False
         try:
             for piece in stream_tokens(self.model, self.tokenizer, ids[keep:], max_tokens, params=self.params,
-                                       cache=self.cache, stats=stats, stop_ids=self.stop_ids, stop_strings=self.stop_strings,
+                                       cache=self.cache, stats=stats, stop_ids=prompt.stop_ids, stop_strings=self.stop_strings,
                                        past=ids[:keep]):
                 started = True
                 reply.append(piece)

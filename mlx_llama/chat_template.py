@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from .gguf_file import MlxLlamaError
+from .errors import MlxLlamaError
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -56,12 +56,10 @@ __all__ = [
     "ChatTemplateSecurityError",
     "TemplateRaisedError",
     "encode_chat",
-    "end_of_turn_markers",
     "looks_templated",
     "special_tokens",
     "stop_token_ids",
     "template_for",
-    "template_markers",
 ]
 
 
@@ -512,20 +510,6 @@ def template_for(metadata: Mapping, name: str | None = None) -> ChatTemplate:
 # ---------------------------------------------------------------------------------------------
 # helpers for callers
 # ---------------------------------------------------------------------------------------------
-
-
-def end_of_turn_markers(template: ChatTemplate) -> tuple[str, ...]:
-    """What the template writes after an assistant's message, e.g. ("<|im_end|>",) for ChatML,
-    ("</s>",) for zephyr and llama-2, ("<|eot_id|>",) for llama-3: the model emits it to end its
-    turn, so it belongs in the stop set (see `stop_token_ids`)."""
-    return template.end_of_turn
-
-
-def template_markers(template: ChatTemplate) -> tuple[str, ...]:
-    """Every fixed text the template writes around messages: role headers ("<|im_start|>user",
-    "[INST]", "<|user|>", "<|start_header_id|>user<|end_header_id|>"…), turn ends ("<|im_end|>",
-    "[/INST]", "</s>", "<|eot_id|>"…) and the BOS/EOS texts it uses."""
-    return template.markers
 
 
 def looks_templated(prompt: str, template: ChatTemplate) -> bool:

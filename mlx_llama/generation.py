@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
-from .gguf_file import MlxLlamaError
+from .errors import MlxLlamaError
 from .model import Model
+from .prompt import encode_prompt, file_template
 from .sample import SamplingParams, make_sampler
 
 if TYPE_CHECKING:
+    from .chat_template import ChatTemplate
     from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds attention memory; on the CPU, 256 was fastest
@@ -171,32 +173,50 @@ def stream_tokens(
 def stream_generate(
     model: Model,
     tokenizer: Tokenizer,
-    prompt: str | list[int],
+    prompt: str | list[int] | list[dict],
     max_tokens: int = 256,
     *,
+    params: SamplingParams | None = None,
+    chat: bool = False,
+    system: str | None = None,
+    template: ChatTemplate | None = None,
     stats: GenerationStats | None = None,
-    parse_special: bool = True,
     stop: tuple[str, ...] | list[str] = (),
     stop_ids: set[int] | None = None,
     **sampling,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece.
 
-    prompt: text (tokenized with BOS per the file and special tokens parsed, as llama.cpp's
-    completion mode does) or token ids. No chat template is applied here: see
-    `mlx_llama.chat` for that. stop: strings that end generation (not included in the text).
-    sampling: the fields of `SamplingParams`. stats: filled in as generation goes (timings,
-    token counts, finish reason: "stop", "length" or "context").
+    prompt: raw text (tokenized as llama.cpp's completion mode does: BOS as the file asks,
+    special tokens parsed), token ids, or a list of chat messages ({"role", "content"}).
+    chat=True (implied by messages, `system` or `template`): the prompt goes through the chat
+    template — `template`, else the file's own — applied once, as `mlx_llama generate` does by
+    default; the answer then also stops at the template's end-of-turn token.
+    params: a `SamplingParams`, or its fields as keyword arguments (`temp=0`, `seed=1` …).
+    stop: strings that end generation (not included in the text); stop_ids: token ids that do
+    (default: the vocabulary's end-of-generation tokens, plus the template's end of turn).
+    stats: filled in as generation goes (timings, token counts, finish reason: "stop",
+    "length" or "context").
     """
-    ids = tokenizer.encode(prompt, add_special=True, parse_special=parse_special) if isinstance(prompt, str) else list(prompt)
-    if not ids:
+    if params is not None and sampling:
+        raise MlxLlamaError(f"give sampling settings either as params= or as keywords, not both ({', '.join(sampling)})")
+    params = params if params is not None else SamplingParams(**sampling)
+    wants_chat = chat or system is not None or template is not None or (
+        isinstance(prompt, (list, tuple)) and any(isinstance(m, dict) for m in prompt))
+    if wants_chat and template is None:
+        template = file_template(tokenizer)
+        if template is None:
+            raise MlxLlamaError("the model file has no chat template: pass template=template_for(metadata, NAME)")
+    encoded = encode_prompt(tokenizer, prompt, template if wants_chat else None, system)
+    if not encoded.ids:
         raise MlxLlamaError("the prompt is empty (no tokens to start from)")
     yield from stream_tokens(
-        model, tokenizer, ids, max_tokens, params=SamplingParams(**sampling), cache=model.make_cache(),
-        stats=stats if stats is not None else GenerationStats(), stop_ids=stop_ids, stop_strings=stop,
+        model, tokenizer, encoded.ids, max_tokens, params=params, cache=model.make_cache(),
+        stats=stats if stats is not None else GenerationStats(),
+        stop_ids=stop_ids if stop_ids is not None else encoded.stop_ids, stop_strings=stop,
     )
 
 
-def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[int], max_tokens: int = 256, **kwargs) -> str:
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[int] | list[dict], max_tokens: int = 256, **kwargs) -> str:
     """The whole generated text (see `stream_generate`)."""
     return "".join(stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

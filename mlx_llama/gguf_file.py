@@ -12,21 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import GGUFError
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-class MlxLlamaError(Exception):
-    """Base class of the errors mlx_llama reports to users as one line."""
-
-
-class GGUFError(MlxLlamaError):
-    """A GGUF file that cannot be loaded: bad magic, truncated, missing keys, bad shapes…"""
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass
@@ -131,6 +120,8 @@ class GGUFFile:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), shape, t.data)
         self.file_size = size
+        last = list(reader.fields.values())[-1]  # the header's key/value pairs end where the tensor table starts
+        self.metadata_end = int(last.offset) + sum(int(p.nbytes) for p in last.parts)
 
     # -- typed metadata access ------------------------------------------------------------------
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import mlx.core as mx
-import mlx.nn as nn
+from tqdm import tqdm
 
-from .gguf_file import GGUFError, GGUFFile, ModelConfig
-from .model import Model, block_layer, module_path, set_module
+from . import _blas
+from .converted import is_converted, load_dir
+from .download import default_model
+from .errors import GGUFError
+from .gguf_file import GGUFFile, ModelConfig
+from .model import Model, build_model, module_path
 from .quants import FORMATS, Affine, Blocks, decode_tensor
 from .tokenizer import Tokenizer
 
@@ -56,33 +59,26 @@ def choose_cpu_dequantize(n_params: int) -> bool:
     return n_params * 4 <= CPU_DEQUANTIZE_MEMORY_SHARE * physical_memory()
 
 
-class _Progress:
-    """A one-line progress bar on stderr, shown only for large files on a terminal (or when forced)."""
-
-    def __init__(self, total_bytes: int, show: bool):
-        self.total, self.done, self.show, self.t0 = total_bytes, 0, show, time.perf_counter()
-
-    def advance(self, n: int):
-        self.done += n
-        if self.show:
-            frac = self.done / max(self.total, 1)
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\rloading [{bar:<30}] {frac:4.0%} {self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.show:
-            sys.stderr.write(f"  {time.perf_counter() - self.t0:.1f}s\n")
-
-
-def load(path, **kwargs) -> tuple[Model, Tokenizer]:
-    """Load a Llama GGUF file: its model (see `load_model` for the options) and its tokenizer."""
-    f = GGUFFile(path)
+def load(path=None, **kwargs) -> tuple[Model, Tokenizer]:
+    """The model and tokenizer of `path`: a GGUF file, a directory written by the converter
+    (`mlx_llama.converted`, loaded as it was written: its dtype and weight form), or None for the
+    default model (downloaded on first use). `kwargs`: `load_model`'s options, for GGUF files."""
+    if path is None:
+        path = default_model()
+    path = os.fspath(path)
+    if is_converted(path):
+        model, f = load_dir(path)
+    else:
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise GGUFError(path, "not a regular file (nor a directory written by the converter)")
+        f = GGUFFile(path)
+        model = load_model(f, **kwargs)
     tokenizer = Tokenizer.from_gguf(f)
     tokenizer.metadata = f.metadata  # for the chat template and its special tokens
-    model = load_model(f, **kwargs)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
+    if mx.default_device() == mx.cpu:
+        _blas.warn_if_slow()
     return model, tokenizer
 
 
@@ -114,10 +110,10 @@ def load_model(
     if cpu_dequantize is None:
         cpu_dequantize = choose_cpu_dequantize(n_params)
 
-    model = Model(cfg, tied_embeddings=tied, dtype=dtype, cpu_kernels=on_cpu and dtype == mx.float32)
-    weights, quantized = [], {}
+    weights, quantized, blocks = [], {}, {}
     show = progress if progress is not None else (f.file_size > 2**30 and sys.stderr.isatty())
-    bar = _Progress(sum(f.tensors[n].data.nbytes for n in shapes), show)
+    bar = tqdm(total=sum(f.tensors[n].data.nbytes for n in shapes), unit="B", unit_scale=True, unit_divisor=1024,
+               desc="loading", disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
     for name in shapes:
         t = f.tensors[name]
         # Q2_K/Q6_K (no exact affine form): gguf's float32 values when expanding, else their
@@ -131,23 +127,15 @@ def load_model(
         elif isinstance(decoded, Affine):
             weights.append((key, decoded.dequantize(dtype)))
         elif isinstance(decoded, Blocks):
-            set_module(model, path, block_layer(path, decoded.ggml_type, decoded.fields))
+            blocks[path] = decoded.ggml_type
             weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
         elif FORMATS[t.ggml_type].block_size > 1:  # Q2_K/Q6_K dense, already in their dtype
             weights.append((key, decoded.weight))
         else:
             weights.append((key, decoded.weight.astype(dtype)))
         mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
-        bar.advance(t.data.nbytes)
+        bar.update(t.data.nbytes)
     bar.close()
     mx.clear_cache()  # return the decoding scratch buffers
-
-    if quantized:
-        nn.quantize(model, class_predicate=lambda p, m: quantized.get(p, False))
-    model.load_weights(weights, strict=True)
-    model.eval()
-    model.cpu_dequantized = bool(cpu_dequantize)
-    model.source_path = f.path
-    return model
-
-
+    return build_model(cfg, weights, tied_embeddings=tied, dtype=dtype, quantized=quantized, blocks=blocks,
+                       cpu_dequantized=bool(cpu_dequantize))

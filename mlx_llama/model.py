@@ -177,3 +177,32 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.blk]
+
+
+def build_model(
+    cfg: ModelConfig,
+    weights: list[tuple[str, mx.array]],
+    *,
+    tied_embeddings: bool,
+    dtype: mx.Dtype,
+    quantized: dict[str, dict] | None = None,
+    blocks: dict[str, int] | None = None,
+    cpu_dequantized: bool = False,
+) -> Model:
+    """The model from its arrays, named by module path — from a GGUF file or a converted directory.
+
+    quantized: module path → {"group_size", "bits"} of the layers kept in MLX's affine form (their
+    `.weight`, `.scales` and `.biases` are in `weights`); blocks: module path → GGML type of the
+    Q2_K/Q6_K layers kept as the file's blocks (their fields are `path.<field>` in `weights`).
+    """
+    cpu_kernels = mx.default_device() == mx.cpu and dtype == mx.float32
+    model = Model(cfg, tied_embeddings=tied_embeddings, dtype=dtype, cpu_kernels=cpu_kernels)
+    for path, ggml_type in (blocks or {}).items():
+        prefix = path + "."
+        set_module(model, path, block_layer(path, ggml_type, {k[len(prefix):]: v for k, v in weights if k.startswith(prefix)}))
+    if quantized:
+        nn.quantize(model, class_predicate=lambda p, m: quantized.get(p, False))
+    model.load_weights(weights, strict=True)
+    model.eval()
+    model.cpu_dequantized = cpu_dequantized
+    return model

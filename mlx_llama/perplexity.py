@@ -15,7 +15,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .gguf_file import MlxLlamaError
+from .errors import MlxLlamaError
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .gguf_file import MlxLlamaError
+from .errors import MlxLlamaError
 
 NEG_INF = float("-inf")
 

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from itertools import chain
 
-from .gguf_file import GGUFError
+from .errors import GGUFError
 
 __all__ = ["Tokenizer", "StreamingDetokenizer"]
 

@@ -17,9 +17,9 @@ import os
 import sys
 
 import mlx_llama  # before mlx.core: preloads the fast BLAS
-from mlx_llama.chat import chat_messages
-from mlx_llama.chat_template import encode_chat, stop_token_ids, template_for
-from mlx_llama.cli import default_model_path
+from mlx_llama.chat_template import template_for
+from mlx_llama.prompt import encode_prompt
+from mlx_llama import default_model
 from mlx_llama.generation import stream_generate
 from mlx_llama.sample import SamplingParams
 
@@ -30,15 +30,16 @@ def main(argv=None) -> int:
     ap.add_argument("--expect", default="Berlin")
     ap.add_argument("-N", type=int, default=40, help="answers per engine (seeds 0..N-1)")
     ap.add_argument("-n", "--max-tokens", type=int, default=256)
-    ap.add_argument("-m", "--model", default=default_model_path())
+    ap.add_argument("-m", "--model", default=None, help="GGUF (default: the default model)")
     args = ap.parse_args(argv)
+    args.model = args.model or default_model()
 
     from llama_cpp import Llama
 
     model, tokenizer = mlx_llama.load(args.model)
     template = template_for(tokenizer.metadata)
-    ids = encode_chat(tokenizer, template.render(chat_messages(args.question), add_generation_prompt=True))
-    stops = tokenizer.stop_ids | stop_token_ids(template, tokenizer)
+    prompt = encode_prompt(tokenizer, args.question, template)
+    ids, stops = prompt.ids, prompt.stop_ids
     p = SamplingParams()
     llm = Llama(args.model, n_ctx=len(ids) + args.max_tokens, n_threads=os.cpu_count(), verbose=False)
 

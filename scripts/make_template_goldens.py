@@ -88,9 +88,9 @@ CONVERSATIONS = [
 
 
 def default_model() -> Path:
-    from mlx_llama.cli import default_model_path
+    from mlx_llama import default_model as path
 
-    return Path(default_model_path())
+    return Path(path())
 
 
 def hf_render(source: str, tokens: dict, messages, add_generation_prompt: bool) -> str:

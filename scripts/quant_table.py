@@ -26,7 +26,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
-from mlx_llama.cli import default_model_path
+from mlx_llama import default_model
 from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.loader import load_model
 from mlx_llama.model import module_path
@@ -104,7 +104,7 @@ def compact_exactness(path: str, reference, tokens: list[int]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=default_model_path())
+    ap.add_argument("--model", default=None, help="GGUF (default: the default model)")
     ap.add_argument("--text", default=None, help="botchan.txt (default: from the sentencepiece sdist in /tmp/dl)")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--ctx", type=int, default=512)
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--compact-only", action="store_true", help="only the compact-form check over 64 tokens (no perplexities)")
     args = ap.parse_args(argv)
+    args.model = args.model or default_model()
 
     text_path = args.text or "/tmp/dl/sentencepiece-0.2.3/test/botchan.txt"
     with open(text_path, encoding="utf-8", errors="replace", newline="") as fh:

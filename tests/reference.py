@@ -175,10 +175,13 @@ def load_config(reader: gguf.GGUFReader, vocab: int) -> ReferenceConfig:
 
 
 def load_tensor(t) -> np.ndarray:
-    """Dequantize a ``ReaderTensor`` to float64 in numpy order (reversed GGUF shape)."""
+    """Dequantize a ``ReaderTensor`` in numpy order (reversed GGUF shape).
+
+    gguf's values are float32 (exact: every weight type decodes to at most 24 significant
+    bits), kept so to halve the oracle's memory; every product with them is taken in float64."""
     data = dequantize(t.data, t.tensor_type)
     shape = tuple(int(d) for d in reversed(t.shape))
-    return np.asarray(data, dtype=np.float64).reshape(shape)
+    return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
 @dataclass
@@ -188,6 +191,11 @@ class ReferenceCache:
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
     offset: int = 0  # number of positions already processed
+
+
+def _f64(w: np.ndarray) -> np.ndarray:
+    """A stored float32 weight in float64 for a product (numpy's mixed-type matmul skips BLAS)."""
+    return w.astype(np.float64)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -293,12 +301,12 @@ class ReferenceModel:
         group = c.n_heads // c.n_kv_heads
         scale = 1.0 / math.sqrt(c.head_dim)
 
-        x = self.tok_embd[tokens]  # (T, hidden)
+        x = self.tok_embd[tokens].astype(np.float64)  # (T, hidden)
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L["attn_norm"], c.eps)
-            q = (h @ L["attn_q"].T).reshape(T, c.n_heads, c.head_dim).transpose(1, 0, 2)
-            k = (h @ L["attn_k"].T).reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-            v = (h @ L["attn_v"].T).reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+            q = (h @ _f64(L["attn_q"]).T).reshape(T, c.n_heads, c.head_dim).transpose(1, 0, 2)
+            k = (h @ _f64(L["attn_k"]).T).reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
+            v = (h @ _f64(L["attn_v"]).T).reshape(T, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
             q = self.rope(q, positions)
             k = self.rope(k, positions)
             K = np.concatenate([cache.keys[li], k], axis=1)    # (n_kv, S, hd)
@@ -312,16 +320,16 @@ class ReferenceModel:
                 s = np.where(mask, -np.inf, s)
                 attn[hq] = softmax(s, axis=-1) @ V[kv]
             attn = attn.transpose(1, 0, 2).reshape(T, c.n_heads * c.head_dim)
-            x = x + attn @ L["attn_output"].T
+            x = x + attn @ _f64(L["attn_output"]).T
 
             h = rms_norm(x, L["ffn_norm"], c.eps)
-            g = h @ L["ffn_gate"].T
-            u = h @ L["ffn_up"].T
-            x = x + (silu(g) * u) @ L["ffn_down"].T
+            g = h @ _f64(L["ffn_gate"]).T
+            u = h @ _f64(L["ffn_up"]).T
+            x = x + (silu(g) * u) @ _f64(L["ffn_down"]).T
 
         cache.offset = S
         x = rms_norm(x, self.output_norm, c.eps)
-        return x @ self.output.T
+        return x @ _f64(self.output).T
 
     def logits(self, tokens) -> np.ndarray:
         """Full causal pass over ``tokens`` from position 0: (T, vocab) float64."""

@@ -12,8 +12,8 @@ import pytest
 
 import golden
 import mlx_llama
-from mlx_llama.chat import chat_messages
-from mlx_llama.chat_template import encode_chat, template_for
+from mlx_llama.chat_template import template_for
+from mlx_llama.prompt import chat_messages, encode_prompt
 from mlx_llama.generation import GenerationStats, stream_generate
 
 GOLDEN = os.path.join(golden.GOLDEN_DIR, "smollm2_chat.json")
@@ -31,7 +31,7 @@ def test_rendered_prompts_are_the_goldens(smollm2, chat_golden):
     for e in chat_golden["entries"]:
         rendered = template.render(chat_messages(e["name"]), add_generation_prompt=True)
         assert rendered == e["prompt"]
-        assert encode_chat(tokenizer, rendered) == e["prompt_ids"]  # llama.cpp's tokens
+        assert encode_prompt(tokenizer, e["name"], template).ids == e["prompt_ids"]  # llama.cpp's tokens
 
 
 def test_greedy_chat_answers_match_llama_cpp(smollm2, chat_golden):

@@ -26,12 +26,10 @@ from mlx_llama.chat_template import (
     ChatTemplateSecurityError,
     TemplateRaisedError,
     encode_chat,
-    end_of_turn_markers,
     looks_templated,
     special_tokens,
     stop_token_ids,
     template_for,
-    template_markers,
 )
 from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.tokenizer import Tokenizer
@@ -167,16 +165,10 @@ def test_smollm2_tokens_equal_llama_cpp_live(smollm2_path, smol_tokenizer):
 
 
 def _vocab(name):
-    path = Path(__file__).resolve().parent / ".cache" / "vocab" / f"ggml-vocab-{name}.gguf"
-    if not path.exists():
-        pytest.skip(f"{path.name} not in tests/.cache/vocab: run scripts/fetch_vocab_tests.sh")
-    try:  # GGUFFile is slow on 128k-token vocabularies; test_tokenizer has a fast reader
-        from test_tokenizer import FastGGUFMetadata
+    from test_tokenizer import FastGGUFMetadata, vocab_path  # GGUFFile is slow on 128k-token vocabularies
 
-        gguf = FastGGUFMetadata(path)
-    except ImportError:  # pragma: no cover
-        gguf = GGUFFile(path)
-    return path, gguf
+    path = vocab_path(name)
+    return path, FastGGUFMetadata(path)
 
 
 @pytest.mark.parametrize("vocab,names", [("llama-spm", ["llama-2", "zephyr"]), ("llama-bpe", ["llama-3"])])
@@ -362,8 +354,8 @@ EXPECTED_GEN = {"smollm2": "<|im_start|>assistant\n", "chatml": "<|im_start|>ass
 @pytest.mark.parametrize("name", TEMPLATE_NAMES)
 def test_markers(name):
     tmpl = golden_template(name)
-    assert end_of_turn_markers(tmpl) == EXPECTED_EOT[name]
-    assert set(template_markers(tmpl)) == EXPECTED_MARKERS[name]
+    assert tmpl.end_of_turn == EXPECTED_EOT[name]
+    assert set(tmpl.markers) == EXPECTED_MARKERS[name]
     assert tmpl.generation_prompt == EXPECTED_GEN[name]
 
 
@@ -422,7 +414,7 @@ def test_generated_reply_is_prefix_of_rerendering(name):
     tmpl = golden_template(name)
     history = [S("Be brief."), U("Ping")]
     reply = "Pong, and more."
-    cached = tmpl.render(history) + reply + end_of_turn_markers(tmpl)[0]
+    cached = tmpl.render(history) + reply + tmpl.end_of_turn[0]
     rerendered = tmpl.render(history + [A(reply), U("Again")])
     if name == "llama-2":  # the model's reply starts with a space ("▁Pong") but ends right at </s>
         assert not rerendered.startswith(tmpl.render(history) + " " + reply + tmpl.eos_token)

@@ -15,7 +15,7 @@ def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "mlx_llama", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_paris_with_default_model(smollm2_path):
+def test_generate_paris_with_default_model(smollm2):
     r = run_cli("generate", "--raw", "The capital of France is", "-n", "16", "--temp", "0", "--verbose")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
@@ -24,7 +24,7 @@ def test_generate_paris_with_default_model(smollm2_path):
     assert "BLAS:" in r.stderr
     assert "Traceback" not in r.stderr
     # same text as the Python API gives
-    model, tokenizer = mlx_llama.load(smollm2_path)
+    model, tokenizer = smollm2  # the CLI's CPU mode: float32, weights expanded
     assert r.stdout == mlx_llama.generate(model, tokenizer, "The capital of France is", 16, temp=0) + "\n"
 
 
@@ -45,7 +45,7 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         (["generate", "hi", "--temp", "abc"], "'abc' is not a valid float"),
         (["generate", "hi", "--top-p", "2"], "2.0 is not in the range"),
         (["generate", "hi", "-n", "0"], "0 is not in the range x>=1"),
-        (["generate", "hi", "-p", "also"], "either as an argument or with -p"),
+        (["generate", "hi", "-p", "also"], "give the prompt one way"),
         (["generate"], "no prompt"),
         (["generate", "hi", "-m", str(tmp_path / "missing.gguf")], "missing.gguf: No such file or directory"),
     ]:
@@ -67,7 +67,7 @@ def test_blas_line_and_switch(smollm2_path):
         r = subprocess.run([sys.executable, "-m", "mlx_llama", *base], capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr
         assert expected in r.stderr
-    assert "warning: CPU matmuls use MLX's bundled reference BLAS (slow)" in r.stderr
+    assert "mlx_llama: warning: the model runs on the CPU with MLX's bundled reference BLAS (slow)" in r.stderr
     if ctypes.util.find_library("openblas"):
         r = run_cli(*base)
         assert "BLAS: libopenblas.so.0 (preloaded)" in r.stderr, r.stderr

@@ -10,9 +10,11 @@ import numpy as np
 import mlx_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "convert"))
 
-from gguf_to_mlx import load_converted  # noqa: E402
+
+def load_converted(out):
+    model, _ = mlx_llama.load(out)
+    return model
 
 
 def test_convert_round_trip(tiny_gguf, tmp_path):

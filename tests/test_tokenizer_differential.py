@@ -166,7 +166,8 @@ def generated_strings(tok: Tokenizer, n: int = N_STRINGS, seed: int = SEED) -> l
 class Case:
     """One vocabulary: our tokenizer, llama.cpp's, the strings and llama.cpp's ids for them."""
 
-    def __init__(self, path: Path, n: int):
+    def __init__(self, name: str, path: Path, n: int):
+        self.name = name
         self.ref = LlamaCppVocab(path)
         self.tok = Tokenizer.from_gguf(FastGGUFMetadata(path))
         self.strings = generated_strings(self.tok, n)
@@ -174,18 +175,13 @@ class Case:
         self.ids = {combo: [self.ref.tokenize(s, *combo) for s in self.strings] for combo in COMBOS}
 
 
-@pytest.fixture(scope="module")
-def vocabs(request):
-    """name → Case, built once per vocabulary."""
-    cache: dict = {}
-
-    def get(name: str) -> Case:
-        if name not in cache:
-            path = request.getfixturevalue("smollm2_path") if name == "smollm2" else vocab_path(name)
-            cache[name] = Case(path, N_STRINGS if name in VOCABS else N_STRINGS_EXTRA)
-        return cache[name]
-
-    return get
+@pytest.fixture(scope="module", params=ALL_VOCABS)
+def case(request) -> Case:
+    """One vocabulary's Case; module-scoped, so pytest runs each vocabulary's tests together and
+    holds one vocabulary (ours and llama.cpp's) at a time."""
+    name = request.param
+    path = request.getfixturevalue("smollm2_path") if name == "smollm2" else vocab_path(name)
+    return Case(name, path, N_STRINGS if name in VOCABS else N_STRINGS_EXTRA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +189,8 @@ def vocabs(request):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_VOCABS)
-def test_encode_matches_llama_cpp(name, vocabs, capsys):
-    case = vocabs(name)
+def test_encode_matches_llama_cpp(case, capsys):
+    name = case.name
     bad, n = [], 0
     for combo in COMBOS:
         for s, theirs in zip(case.strings, case.ids[combo]):
@@ -209,10 +204,9 @@ def test_encode_matches_llama_cpp(name, vocabs, capsys):
     assert not bad, f"{len(bad)}/{n} encodings differ from llama.cpp, first: {bad[:3]}"
 
 
-@pytest.mark.parametrize("name", ALL_VOCABS)
-def test_decode_and_stream_match_llama_cpp(name, vocabs, capsys):
+def test_decode_and_stream_match_llama_cpp(case, capsys):
     """decode and the streaming detokenizer of llama.cpp's ids (add_special, parse_special on)."""
-    case = vocabs(name)
+    name = case.name
     bad, n = [], 0
     for s, ids in zip(case.strings, case.ids[True, True]):
         for special in (False, True):
@@ -233,8 +227,7 @@ def _llama_cpp_python_detokenize(ref: LlamaCppVocab, ids: list[int], special: bo
         return None
 
 
-@pytest.mark.parametrize("name", ALL_VOCABS)
-def test_round_trip(name, vocabs, capsys):
+def test_round_trip(case, capsys):
     """decode(encode(s)) == s exactly where llama.cpp's tokenize → detokenize gives s back.
 
     llama.cpp's round trip is `llama_detokenize(llama_tokenize(s, add_special, parse_special),
@@ -245,7 +238,7 @@ def test_round_trip(name, vocabs, capsys):
     detokenizer rules (it drops a space after a leading BOS instead of the first token's
     SentencePiece prefix space, and skips the clean-up of " ." / " 's" of BPE vocabularies).
     """
-    case = vocabs(name)
+    name = case.name
     n = held = held_ours = held_py = 0
     bad = []
     for combo in COMBOS:
@@ -262,11 +255,12 @@ def test_round_trip(name, vocabs, capsys):
                    f"mlx_llama {held_ours}, disagreements {len(bad)} (llama-cpp-python Llama.detokenize: {held_py})")
     assert held > 0
     assert not bad, f"{len(bad)}/{n} round trips disagree with llama.cpp's, first: {bad[:3]}"
+    if name == "llama-spm":
+        check_spm_round_trip_without_special_tokens(case, capsys)
 
 
-def test_spm_round_trip_without_special_tokens(vocabs, capsys):
+def check_spm_round_trip_without_special_tokens(case, capsys):
     """The plain round trip of an SPM vocabulary: no BOS, no special tokens, prefix space dropped."""
-    case = vocabs("llama-spm")
     tok, ref, strings = case.tok, case.ref, case.strings
     ok = [s for s in strings if tok.decode(tok.encode(s, add_special=False)) == s]
     theirs = [s for s, ids in zip(strings, case.ids[False, False]) if ref.detokenize(ids, False) == s]

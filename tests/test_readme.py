@@ -1,0 +1,100 @@
+"""Every code block in the README runs as written.
+
+`bash` blocks: each command line runs in a shell whose PATH finds this environment's
+`mlx_llama`; a `# → TEXT` line after a command says TEXT is in what it prints (in `python`
+blocks, in what the block prints). `pip install …`
+parts are checked to name extras that pyproject.toml defines (installing is what CI does), and
+`python -m pytest` is this suite itself. `python` blocks run as written, in a fresh process.
+`text` blocks (usage synopses) are not code. A block in any other language fails the test:
+the README must not hold code that nothing runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RUN = {"bash", "python"}
+NOT_CODE = {"text"}
+
+
+def blocks() -> list[tuple[int, str, str]]:
+    """(line number, language, body) of every fenced block."""
+    out, lines = [], README.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^```(\S*)\s*$", lines[i])
+        if m:
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            out.append((i + 1, m.group(1), "\n".join(lines[i + 1 : end])))
+            i = end
+        i += 1
+    return out
+
+
+def commands(body: str) -> list[tuple[str, list[str]]]:
+    """(command line, expected texts from the `# → TEXT` lines after it)."""
+    out = []
+    for line in body.splitlines():
+        if line.startswith("# →"):
+            out[-1][1].append(line[len("# →"):].strip())
+        elif line.strip() and not line.startswith("#"):
+            out.append((line, []))
+    return out
+
+
+def test_every_block_has_a_known_language():
+    for line, lang, _ in blocks():
+        assert lang in RUN | NOT_CODE, f"README.md:{line}: a ```{lang or ''} block; mark it bash, python or text"
+
+
+def check_pip_install(part: str):
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    m = re.fullmatch(r'pip install -e "\.\[([\w,]+)\]"', part.strip())
+    assert m, f"unexpected install command {part!r}"
+    assert set(m.group(1).split(",")) <= extras, part
+
+
+def shell_env() -> dict:
+    bin_dir = os.path.dirname(sys.executable)
+    return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+
+
+BASH = [(line, body) for line, lang, body in blocks() if lang == "bash"]
+PYTHON = [(line, body) for line, lang, body in blocks() if lang == "python"]
+
+
+@pytest.mark.parametrize("line, body", BASH, ids=[f"line{n}" for n, _ in BASH])
+def test_shell_block(line, body, smollm2_path, tmp_path):
+    for command, expected in commands(body):
+        for part in command.split(" && "):
+            if part.startswith("pip install"):
+                check_pip_install(part)
+            elif part.startswith("python -m pytest"):
+                continue  # this suite
+            else:
+                assert shlex.split(part)[0] in ("mlx_llama", "echo", "curl"), f"README.md:{line}: {part}"
+                r = subprocess.run(part, shell=True, capture_output=True, text=True, env=shell_env(),
+                                   cwd=tmp_path, timeout=600)
+                assert r.returncode == 0, f"README.md:{line}: {part}\n{r.stderr}"
+                assert "Traceback" not in r.stderr
+                for text in expected:
+                    assert text in r.stdout, f"README.md:{line}: {part} printed {r.stdout!r}, not {text!r}"
+
+
+@pytest.mark.parametrize("line, body", PYTHON, ids=[f"line{n}" for n, _ in PYTHON])
+def test_python_block(line, body, smollm2_path, tmp_path):
+    r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, f"README.md:{line}:\n{r.stderr}"
+    assert "Warning" not in r.stderr, r.stderr
+    for text in (x[len("# →"):].strip() for x in body.splitlines() if x.startswith("# →")):
+        assert text in r.stdout, f"README.md:{line}: printed {r.stdout!r}, not {text!r}"
