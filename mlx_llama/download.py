@@ -86,11 +86,11 @@ def fetch(pinned: Pinned, directory: Path | None = None, progress: bool | None =
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MlxLlamaError(f"cannot create the cache directory {directory}: {e.strerror or e}") from None
-    print(f"mlx_llama: downloading {pinned.description}, {pinned.size / 1e6:.0f} MB, into {directory}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.zip"
         try:
-            download_url(pinned.url, pinned.sha256, archive, pinned.description, progress)
+            download_url(pinned.url, pinned.sha256, archive, pinned.description, progress,
+                         announce=f"mlx_llama: downloading {pinned.description}, {pinned.size / 1e6:.0f} MB, into {directory}")
         except MlxLlamaError as e:
             raise MlxLlamaError(f"{e}; connect to the network once, or give a GGUF file with -m PATH") from None
         part = Path(tmp) / pinned.filename
@@ -99,11 +99,15 @@ def fetch(pinned: Pinned, directory: Path | None = None, progress: bool | None =
     return dest
 
 
-def download_url(url: str, sha256: str, out: Path, description: str, progress: bool | None = None) -> None:
-    """Download `url` into `out`, checking its SHA-256; a one-line `MlxLlamaError` otherwise."""
+def download_url(url: str, sha256: str, out: Path, description: str, progress: bool | None = None,
+                 announce: str | None = None) -> None:
+    """Download `url` into `out`, checking its SHA-256; a one-line `MlxLlamaError` otherwise.
+    announce: a line for stderr once the server answers (offline, only the error is printed)."""
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(out, "wb") as fh:
+            if announce:
+                print(announce, file=sys.stderr)
             total = int(response.headers.get("Content-Length") or 0) or None
             with _bar(total, progress) as bar:
                 while chunk := response.read(CHUNK):
