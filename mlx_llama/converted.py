@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +22,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import GGUFError
-from .gguf_file import GGUFFile, ModelConfig
+from .architectures import ModelConfig, config_fields
+from .gguf_file import GGUFFile
 from .model import BlockLinear, Model, build_model
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "weights.safetensors", "tokenizer.gguf"
@@ -48,7 +49,6 @@ def save(gguf_path, out_dir, dtype: str = "float16", dequantize: bool = False) -
     config = {
         "source": os.path.basename(f.path),
         "dtype": dtype,
-        "tied_embeddings": model.tied_embeddings,
         "model": asdict(model.config),
         "quantization": quantization,
         "blocks": {path: m.ggml_type for path, m in model.named_modules() if isinstance(m, BlockLinear)},
@@ -80,11 +80,10 @@ def load_dir(path) -> tuple[Model, GGUFFile]:
     try:
         with open(os.path.join(path, CONFIG)) as fh:
             config = json.load(fh)
-        init = {f.name for f in fields(ModelConfig) if f.init}
-        cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in init})
+        cfg = ModelConfig(**{k: v for k, v in config["model"].items() if k in config_fields()})
         dtype = DTYPES[config["dtype"]]
         weights = mx.load(os.path.join(path, WEIGHTS))
-        model = build_model(cfg, list(weights.items()), tied_embeddings=config["tied_embeddings"], dtype=dtype,
+        model = build_model(cfg, list(weights.items()), dtype=dtype,
                             quantized=config["quantization"], blocks=config.get("blocks", {}))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise GGUFError(path, f"not a complete converted model directory ({type(e).__name__}: {e})") from None

@@ -7,7 +7,7 @@ the file and the problem; the CLI prints it as a single line.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,29 +15,6 @@ import numpy as np
 from .errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-@dataclass
-class ModelConfig:
-    """The Llama hyper-parameters, read from the `{arch}.*` metadata keys."""
-
-    architecture: str
-    context_length: int
-    hidden_size: int  # embedding_length
-    num_layers: int  # block_count
-    intermediate_size: int  # feed_forward_length
-    num_heads: int  # attention.head_count
-    num_kv_heads: int  # attention.head_count_kv
-    rope_dims: int  # rope.dimension_count
-    rope_theta: float  # rope.freq_base
-    rms_norm_eps: float  # attention.layer_norm_rms_epsilon
-    vocab_size: int
-    rope_scale: float = 1.0  # 1 / rope.scaling.factor for linear scaling
-    head_dim: int = field(init=False)
-
-    def __post_init__(self):
-        self.head_dim = self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -148,42 +125,3 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         return self.get("general.architecture", str)
-
-    def config(self) -> ModelConfig:
-        arch = self.architecture
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise GGUFError(
-                self.path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        g = lambda k, kind, default=...: self.get(f"{arch}.{k}", kind, default)  # noqa: E731
-        hidden = g("embedding_length", int)
-        heads = g("attention.head_count", int)
-        if heads <= 0 or hidden % heads:
-            raise GGUFError(self.path, f"embedding_length {hidden} is not divisible by head_count {heads}")
-        kv_heads = g("attention.head_count_kv", int, heads)
-        if kv_heads <= 0 or heads % kv_heads:
-            raise GGUFError(self.path, f"head_count {heads} is not a multiple of head_count_kv {kv_heads}")
-        tokens = self.metadata.get("tokenizer.ggml.tokens")
-        vocab = g("vocab_size", int, len(tokens) if tokens is not None else None)
-        if vocab is None:
-            raise GGUFError(self.path, f"missing metadata key '{arch}.vocab_size' (and no tokenizer.ggml.tokens)")
-        rope_scale = 1.0
-        scaling = g("rope.scaling.type", str, "none")
-        if scaling == "linear":
-            rope_scale = 1.0 / g("rope.scaling.factor", float)
-        elif scaling not in ("none", ""):
-            raise GGUFError(self.path, f"unsupported rope scaling type {scaling!r} (supported: linear)")
-        return ModelConfig(
-            architecture=arch,
-            context_length=g("context_length", int),
-            hidden_size=hidden,
-            num_layers=g("block_count", int),
-            intermediate_size=g("feed_forward_length", int),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            rope_dims=g("rope.dimension_count", int, hidden // heads),
-            rope_theta=g("rope.freq_base", float, 10000.0),
-            rms_norm_eps=g("attention.layer_norm_rms_epsilon", float),
-            vocab_size=vocab,
-            rope_scale=rope_scale,
-        )

@@ -6,7 +6,9 @@ import math
 from collections import defaultdict
 from dataclasses import asdict
 
-from .gguf_file import GGUFError, GGUFFile
+from .architectures import check_tensors, read_config, settings
+from .errors import GGUFError
+from .gguf_file import GGUFFile
 
 SHOWN_KEYS = ("general.architecture", "general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
 
@@ -35,7 +37,9 @@ def describe(path, all_metadata: bool = False) -> dict:
         row["mlx"] = fmt.representation if fmt else "unsupported"
         n_params += math.prod(t.shape)
     try:
-        config = asdict(f.config())
+        cfg = read_config(f)
+        check_tensors(f, cfg)
+        config = asdict(cfg) | {"settings": settings(cfg, md)}
     except GGUFError as e:
         config = {"error": e.problem}
     tokens = md.get("tokenizer.ggml.tokens")
@@ -82,8 +86,9 @@ def format_text(r: dict) -> str:
         c = r["config"]
         lines.append(
             f"config:         {c['num_layers']} layers, hidden {c['hidden_size']}, ffn {c['intermediate_size']}, "
-            f"heads {c['num_heads']} (kv {c['num_kv_heads']}), rope base {c['rope_theta']:g}, vocab {c['vocab_size']}"
+            f"heads {c['num_heads']} (kv {c['num_kv_heads']}), vocab {c['vocab_size']}"
         )
+        lines += [f"  {k + ':':<17} {v}" for k, v in c["settings"].items()]
     lines.append("weights:")
     lines.append(f"  {'type':<8} {'tensors':>7} {'size':>12}  MLX form")
     for name, row in r["types"].items():

@@ -43,6 +43,16 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return gate / (1.0 + exp(-gate)) * up
 
 
+GELU_K = 0.7978845608028654  # √(2/π)
+
+
+@mx.compile
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    """gelu_tanh(gate) * up; 0.5·(1 + tanh(z)) = sigmoid(2z), so gelu_tanh(x) = x / (1 + e^(−2z))."""
+    z = GELU_K * (gate + 0.044715 * gate * gate * gate)
+    return gate / (1.0 + exp(-2.0 * z)) * up
+
+
 @mx.compile
 def _masked_softmax(scores: mx.array, mask: mx.array) -> mx.array:
     m = mx.max(scores, axis=-1, keepdims=True)
@@ -50,17 +60,27 @@ def _masked_softmax(scores: mx.array, mask: mx.array) -> mx.array:
     return e / mx.sum(e, axis=-1, keepdims=True)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: int = 0) -> mx.array:
     """Causal grouped-query attention; the T queries are the last T of the S key positions.
 
     q: (B, H, T, D); k, v: (B, KV, S, D) → (B, H, T, D). Query head h reads kv head h // (H/KV).
+    window: a query sees only the last `window` positions, itself included (0: all before it).
     """
     B, H, T, D = q.shape
     if T == 1:  # one new token sees every cached key: a few thousand exps, MLX's kernel is fine
+        if window:
+            k, v = k[..., -window:, :], v[..., -window:, :]
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     KV, S = k.shape[1], k.shape[2]
     # (B, H, T, D) → (B, KV, H/KV * T, D): each kv head's query heads as one matmul (BLAS)
     scores = (q.reshape(B, KV, -1, D) * scale) @ k.swapaxes(-1, -2)
-    visible = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]  # (T, S)
+    visible = causal_mask(T, S, window)
     probs = _masked_softmax(scores.reshape(B, KV, -1, T, S), visible).reshape(B, KV, -1, S)
     return (probs @ v).reshape(B, H, T, D)
+
+
+def causal_mask(T: int, S: int, window: int = 0) -> mx.array:
+    """(T, S) bool: query t (at position S − T + t) sees key s; within `window` positions if set."""
+    keys, queries = mx.arange(S)[None], mx.arange(S - T, S)[:, None]
+    visible = keys <= queries
+    return visible & (keys > queries - window) if window else visible

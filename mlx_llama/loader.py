@@ -13,36 +13,16 @@ from . import _blas
 from .converted import is_converted, load_dir
 from .download import default_model
 from .errors import GGUFError
-from .gguf_file import GGUFFile, ModelConfig
+from .architectures import check_tensors, read_config
+from .gguf_file import GGUFFile
 from .model import Model, build_model, module_path
-from .quants import FORMATS, Affine, Blocks, decode_tensor
+from .quants import BF16, F16, F32, FORMATS, Affine, Blocks, decode_tensor, type_name
 from .tokenizer import Tokenizer
 
 # The CPU-mode rule: on the CPU, expand quantized weights to float32 (so every matmul goes through
 # BLAS) when the float32 model needs at most this share of the machine's physical memory.
 CPU_DEQUANTIZE_MEMORY_SHARE = 0.5
-
-
-def expected_shapes(cfg: ModelConfig, tied: bool) -> dict[str, tuple[int, ...]]:
-    """Every tensor the Llama graph needs, with its numpy-order shape."""
-    d, q, kv, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
-    if not tied:
-        shapes["output.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.num_layers):
-        b = f"blk.{i}."
-        shapes |= {
-            b + "attn_norm.weight": (d,),
-            b + "attn_q.weight": (q, d),
-            b + "attn_k.weight": (kv, d),
-            b + "attn_v.weight": (kv, d),
-            b + "attn_output.weight": (d, q),
-            b + "ffn_norm.weight": (d,),
-            b + "ffn_gate.weight": (f, d),
-            b + "ffn_up.weight": (f, d),
-            b + "ffn_down.weight": (d, f),
-        }
-    return shapes
+VECTOR_TYPES = (F32, F16, BF16)  # norm weights, biases, RoPE factors
 
 
 def physical_memory() -> int:
@@ -95,14 +75,8 @@ def load_model(
     cpu_dequantize: expand quantized weights to dense `dtype` at load (None: the auto rule above).
     progress: show a loading bar (None: for files over 1 GB when stderr is a terminal).
     """
-    cfg = f.config()
-    tied = "output.weight" not in f.tensors
-    shapes = expected_shapes(cfg, tied)
-    for name, shape in shapes.items():
-        if name not in f.tensors:
-            raise GGUFError(f.path, f"missing tensor {name!r}")
-        if f.tensors[name].shape != shape:
-            raise GGUFError(f.path, f"tensor {name!r} has shape {f.tensors[name].shape}, expected {shape} from the config")
+    cfg = read_config(f)
+    shapes = check_tensors(f, cfg)
 
     on_cpu = mx.default_device() == mx.cpu
     dtype = dtype or (mx.float32 if on_cpu else mx.float16)
@@ -131,11 +105,13 @@ def load_model(
             weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
         elif FORMATS[t.ggml_type].block_size > 1:  # Q2_K/Q6_K dense, already in their dtype
             weights.append((key, decoded.weight))
-        else:
-            weights.append((key, decoded.weight.astype(dtype)))
+        elif len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
+            raise GGUFError(f.path, f"tensor {name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
+        else:  # RoPE frequency factors stay float32: float16 would round every angle
+            weights.append((key, decoded.weight.astype(mx.float32 if name.startswith("rope_") else dtype)))
         mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
         bar.update(t.data.nbytes)
     bar.close()
     mx.clear_cache()  # return the decoding scratch buffers
-    return build_model(cfg, weights, tied_embeddings=tied, dtype=dtype, quantized=quantized, blocks=blocks,
+    return build_model(cfg, weights, dtype=dtype, quantized=quantized, blocks=blocks,
                        cpu_dequantized=bool(cpu_dequantize))

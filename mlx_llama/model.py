@@ -1,4 +1,6 @@
-"""The Llama-2 architecture as `mlx.nn` modules.
+"""One decoder-only transformer as `mlx.nn` modules; the architecture's differences are data
+(`architectures.ModelConfig` and its `Arch` row): RoPE style and factors, q/k norms, biases,
+fused projections, norm placement, activation, embedding scale, sliding windows, soft-capping.
 
 Module attribute names are the GGUF tensor names (`blk.N.attn_q`, `ffn_gate`, `output_norm` …),
 with a block's attention and feed-forward layers grouped under `attn` and `ffn`; `module_path`
@@ -7,70 +9,17 @@ maps a GGUF tensor name onto this tree.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_kernels, kernels
+from . import kernels
+from .architectures import ModelConfig
 from .cache import KVCache
-from .gguf_file import ModelConfig
-from .quants import dequantize_blocks
+from .layers import BlockLinear, Embedding, block_layer
 
-
-class QuantizedEmbedding(nn.QuantizedEmbedding):
-    """Looks rows up in float32: MLX's own layer computes them in the float16 of the scales,
-    which would round every embedding value the GGUF file holds exactly."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        scales, biases = self["scales"][x].astype(mx.float32), self["biases"][x].astype(mx.float32)
-        return mx.dequantize(self["weight"][x], scales, biases, group_size=self.group_size, bits=self.bits)
-
-
-class Embedding(nn.Embedding):
-    def to_quantized(self, group_size=None, bits=None, mode="affine", **kwargs):
-        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
-
-
-class BlockLinear(nn.Module):
-    """A linear layer (no bias) whose weight stays in the GGUF file's Q2_K/Q6_K blocks (see
-    `quants.Blocks`): dequantized exactly, in the input's dtype, each time it runs."""
-
-    def __init__(self, ggml_type: int, fields: dict[str, mx.array]):
-        super().__init__()
-        self.ggml_type = ggml_type
-        for name, value in fields.items():
-            self[name] = value
-
-    def fields(self, rows: mx.array | None = None, after: mx.array | None = None) -> dict[str, mx.array]:
-        """The block fields (or the rows `rows` of them); with `after`, usable only once `after`
-        is computed: MLX would otherwise schedule every layer's (input-independent)
-        dequantization at the start of a forward pass and hold all the dense weights at once."""
-        names = [k for k, v in self.items() if isinstance(v, mx.array)]
-        arrays = [self[k] if rows is None else self[k][rows] for k in names]
-        if after is not None:
-            arrays = mx.depends(arrays, [after])
-        return dict(zip(names, arrays))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not cuda_kernels.available():
-            return x @ dequantize_blocks(self.ggml_type, self.fields(after=x), x.dtype).T
-        if x.size // x.shape[-1] <= cuda_kernels.MATVEC_MAX_ROWS:  # decoding: read only the blocks
-            return cuda_kernels.block_matvec(x, self.ggml_type, self.fields())
-        return x @ cuda_kernels.dequantize(self.ggml_type, self.fields(after=x), x.dtype).T
-
-
-class BlockEmbedding(BlockLinear):
-    """An embedding table in Q2_K/Q6_K blocks: a lookup dequantizes only the rows it picks."""
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        return dequantize_blocks(self.ggml_type, self.fields(rows=ids), mx.float32)
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return super().__call__(x)
-
-
-def block_layer(path: str, ggml_type: int, fields: dict[str, mx.array]) -> BlockLinear:
-    """The layer for Q2_K/Q6_K blocks at module `path`: the embedding table or a linear layer."""
-    return (BlockEmbedding if path == "token_embd" else BlockLinear)(ggml_type, fields)
+BLOCK_LEVEL = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")  # norms that sit in the block itself
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -83,82 +32,175 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def module_path(gguf_name: str) -> str:
-    """'blk.3.attn_q.weight' → 'blk.3.attn.attn_q.weight'; 'blk.3.ffn_up.weight' → 'blk.3.ffn.ffn_up.weight'."""
+    """'blk.3.attn_q.weight' → 'blk.3.attn.attn_q.weight'; 'blk.3.ffn_up.bias' → 'blk.3.ffn.ffn_up.bias'."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4:
-        group = parts[2].split("_")[0]  # attn_q → attn, ffn_up → ffn
-        if parts[2] not in ("attn_norm", "ffn_norm"):
-            parts.insert(2, group)
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] not in BLOCK_LEVEL:
+        parts.insert(2, parts[2].split("_")[0])  # attn_q → attn, ffn_up → ffn
     return ".".join(parts)
 
 
+class Vector(nn.Module):
+    """A tensor the model reads as a whole (RoPE frequency factors), under `.weight`."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = mx.ones((n,))
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding of the first `dims` dimensions of each head.
+
+    traditional: adjacent pairs (as llama.cpp's converter permutes `llama` files), else the NEOX
+    halves. factors: frequency factors f_i (angle_i = position · scale · base^(−2i/dims) / f_i),
+    read when first used (they are loaded after the modules are made). attn_factor multiplies the
+    rotated dimensions (llama.cpp's long-context `rope.scaling.attn_factor`)."""
+
+    def __init__(self, dims: int, head_dim: int, traditional: bool, base: float, scale: float,
+                 factors: Vector | None = None, attn_factor: float = 1.0):
+        super().__init__()
+        self.dims, self.traditional, self.base, self.scale = dims, traditional, base, scale
+        self._factors, self._freqs = factors, None  # private: not parameters of this module
+        self._mscale = None
+        if attn_factor != 1.0:  # (head_dim,): attn_factor on the rotated dims, 1 on the rest
+            self._mscale = mx.array([attn_factor] * dims + [1.0] * (head_dim - dims), mx.float32)
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        if self._factors is None:
+            y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
+        else:
+            if self._freqs is None:  # MLX's freqs are the periods base^(2i/dims), here times f_i
+                periods = self.base ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
+                self._freqs = periods * self._factors.weight.astype(mx.float32)
+            y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=self.scale, offset=offset,
+                             freqs=self._freqs)
+        return y if self._mscale is None else y * self._mscale.astype(y.dtype)
+
+
+def linear(cfg: ModelConfig, name: str, n_in: int, n_out: int) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=name in cfg.biases)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, cpu_kernels: bool):
+    def __init__(self, cfg: ModelConfig, layer: int, cpu_kernels: bool, factors: Vector | None):
         super().__init__()
         self.cpu_kernels = cpu_kernels
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.scale = self.head_dim**-0.5
-        self.attn_q = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.attn_k = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.attn_v = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.attn_output = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        # llama.cpp's converter permuted Q/K so each rotated pair is adjacent: "traditional" RoPE.
-        self.rope = nn.RoPE(cfg.rope_dims, traditional=True, base=cfg.rope_theta, scale=cfg.rope_scale)
+        self.q_dim, self.kv_dim = cfg.q_dim, cfg.kv_dim
+        self.scale = cfg.query_scale
+        d = cfg.hidden_size
+        if cfg.fused_qkv:
+            self.attn_qkv = linear(cfg, "attn_qkv", d, cfg.q_dim + 2 * cfg.kv_dim)
+        else:
+            self.attn_q = linear(cfg, "attn_q", d, cfg.q_dim)
+            self.attn_k = linear(cfg, "attn_k", d, cfg.kv_dim)
+            self.attn_v = linear(cfg, "attn_v", d, cfg.kv_dim)
+        self.attn_output = linear(cfg, "attn_output", cfg.q_dim, d)
+        if cfg.arch.qk_norm:
+            self.attn_q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps)
+            self.attn_k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps)
+        # local (sliding-window) layers: their own RoPE base, no position scaling
+        local = cfg.is_local(layer)
+        self.window = cfg.sliding_window if local else 0
+        self.rope = RoPE(cfg.rope_dims, cfg.head_dim, not cfg.arch.rope_neox,
+                         cfg.rope_theta_swa if local else cfg.rope_theta, 1.0 if local else cfg.rope_scale,
+                         factors, cfg.rope_attn_factor)
+
+    def projections(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        if "attn_qkv" in self:
+            qkv = self.attn_qkv(x)
+            return qkv[..., : self.q_dim], qkv[..., self.q_dim : self.q_dim + self.kv_dim], qkv[..., self.q_dim + self.kv_dim :]
+        return self.attn_q(x), self.attn_k(x), self.attn_v(x)
 
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
-        # (B, T, heads * head_dim) → (B, heads, T, head_dim)
-        q = self.attn_q(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.attn_k(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.attn_v(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = self.projections(x)
+        # (B, T, heads · head_dim) → (B, heads, T, head_dim)
+        q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "attn_q_norm" in self:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if self.cpu_kernels:
-            out = kernels.attention(q, k, v, self.scale)
-        else:  # "causal" aligns the last query with the last key, so it holds after a cached prefix
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if T > 1 else None)
+            out = kernels.attention(q, k, v, self.scale, self.window)
+        else:
+            out = self.gpu_attention(q, k, v, T)
         return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:
+        if self.window and T == 1:
+            k, v = k[..., -self.window :, :], v[..., -self.window :, :]
+        if self.window and T > 1:
+            mask = kernels.causal_mask(T, k.shape[2], self.window)
+        else:  # "causal" aligns the last query with the last key, so it holds after a cached prefix
+            mask = "causal" if T > 1 else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, cpu_kernels: bool):
         super().__init__()
-        self.swiglu = kernels.swiglu if cpu_kernels else (lambda gate, up: nn.silu(gate) * up)
-        self.ffn_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.ffn_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.ffn_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gelu = cfg.arch.activation == "gelu_tanh"
+        if cpu_kernels:
+            self.glu = kernels.geglu if gelu else kernels.swiglu
+        else:
+            self.glu = (lambda g, u: nn.gelu_approx(g) * u) if gelu else (lambda g, u: nn.silu(g) * u)
+        self.fused = cfg.arch.fused_gate_up
+        if not self.fused:
+            self.ffn_gate = linear(cfg, "ffn_gate", d, f)
+        self.ffn_up = linear(cfg, "ffn_up", d, 2 * f if self.fused else f)
+        self.ffn_down = linear(cfg, "ffn_down", f, d)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.ffn_down(self.swiglu(self.ffn_gate(x), self.ffn_up(x)))
+        if self.fused:  # ffn_up holds [gate; up]
+            gate, up = mx.split(self.ffn_up(x), 2, axis=-1)
+        else:
+            gate, up = self.ffn_gate(x), self.ffn_up(x)
+        return self.ffn_down(self.glu(gate, up))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, cpu_kernels: bool):
+    def __init__(self, cfg: ModelConfig, layer: int, cpu_kernels: bool, factors: Vector | None):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.attn = Attention(cfg, cpu_kernels)
-        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.attn_norm = nn.RMSNorm(d, eps=eps)
+        self.attn = Attention(cfg, layer, cpu_kernels, factors)
+        self.ffn_norm = nn.RMSNorm(d, eps=eps)
         self.ffn = FeedForward(cfg, cpu_kernels)
+        if cfg.arch.sandwich_norms:
+            self.post_attention_norm = nn.RMSNorm(d, eps=eps)
+            self.post_ffw_norm = nn.RMSNorm(d, eps=eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        if "post_attention_norm" in self:  # sandwich: each sublayer's output normed before the residual
+            h = x + self.post_attention_norm(self.attn(self.attn_norm(x), cache))
+            return h + self.post_ffw_norm(self.ffn(self.ffn_norm(h)))
         h = x + self.attn(self.attn_norm(x), cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
 class Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, tied_embeddings: bool, dtype: mx.Dtype = mx.float32, cpu_kernels: bool = False):
-        """cpu_kernels: attention and SwiGLU from `kernels` (fast on MLX's CPU backend, float32 only)."""
+    def __init__(self, cfg: ModelConfig, dtype: mx.Dtype = mx.float32, cpu_kernels: bool = False):
+        """cpu_kernels: attention and gated activations from `kernels` (fast on MLX's CPU
+        backend, float32 only)."""
         super().__init__()
         self.config = cfg
         self.dtype = dtype  # of the activations
         self.token_embd = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blk = [Block(cfg, cpu_kernels) for _ in range(cfg.num_layers)]
+        factors = None
+        if cfg.rope_factors != "none":
+            factors = self[cfg.rope_factors] = Vector(cfg.rope_dims // 2)
+        self.blk = [Block(cfg, i, cpu_kernels, factors) for i in range(cfg.num_layers)]
         self.output_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.tied_embeddings = tied_embeddings
-        if not tied_embeddings:
-            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tied_embeddings = cfg.tied_embeddings
+        if not cfg.tied_embeddings:
+            self.output = linear(cfg, "output", cfg.hidden_size, cfg.vocab_size)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.arch.embed_scale else 0.0
+        self.softcap = cfg.final_logit_softcap
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens: (B, T) int → logits (B, T, vocab)."""
@@ -166,14 +208,20 @@ class Model(nn.Module):
 
     def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens: (B, T) int → final hidden states (B, T, hidden), before the output norm."""
-        h = self.token_embd(tokens).astype(self.dtype)
+        h = self.token_embd(tokens)
+        if self.embed_scale:
+            h = h * self.embed_scale
+        h = h.astype(self.dtype)
         for i, block in enumerate(self.blk):
             h = block(h, cache[i] if cache is not None else None)
         return h
 
     def logits(self, h: mx.array) -> mx.array:
         h = self.output_norm(h)
-        return self.token_embd.as_linear(h) if self.tied_embeddings else self.output(h)
+        out = self.token_embd.as_linear(h) if self.tied_embeddings else self.output(h)
+        if self.softcap:
+            out = mx.tanh(out / self.softcap) * self.softcap
+        return out
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.blk]
@@ -183,7 +231,6 @@ def build_model(
     cfg: ModelConfig,
     weights: list[tuple[str, mx.array]],
     *,
-    tied_embeddings: bool,
     dtype: mx.Dtype,
     quantized: dict[str, dict] | None = None,
     blocks: dict[str, int] | None = None,
@@ -196,7 +243,7 @@ def build_model(
     Q2_K/Q6_K layers kept as the file's blocks (their fields are `path.<field>` in `weights`).
     """
     cpu_kernels = mx.default_device() == mx.cpu and dtype == mx.float32
-    model = Model(cfg, tied_embeddings=tied_embeddings, dtype=dtype, cpu_kernels=cpu_kernels)
+    model = Model(cfg, dtype=dtype, cpu_kernels=cpu_kernels)
     for path, ggml_type in (blocks or {}).items():
         prefix = path + "."
         set_module(model, path, block_layer(path, ggml_type, {k[len(prefix):]: v for k, v in weights if k.startswith(prefix)}))
@@ -206,3 +253,6 @@ def build_model(
     model.eval()
     model.cpu_dequantized = cpu_dequantized
     return model
+
+
+__all__ = ["Model", "build_model", "module_path", "set_module", "BlockLinear"]

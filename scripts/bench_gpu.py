@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from bench_load import make_7b  # noqa: E402
 from mlx_llama import generation, quants  # noqa: E402
+from mlx_llama.architectures import read_config  # noqa: E402
 from mlx_llama.gguf_file import GGUFFile  # noqa: E402
 from mlx_llama.loader import load_model  # noqa: E402
 from mlx_llama.sample import SamplingParams  # noqa: E402
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     print(f"device: {mx.default_device()} | file tensors {tensor_bytes / 2**30:.2f} GiB", flush=True)
 
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, f.config().vocab_size, 512).tolist()
+    prompt = rng.integers(0, read_config(f).vocab_size, 512).tolist()
     print("check (2 layers):", json.dumps(gpu_vs_cpu(paths[2], prompt[:16])), flush=True)
     for form in filter(None, args.forms.split(",")):
         r = bench_form(path, form, prompt, args.gen, args.reps)

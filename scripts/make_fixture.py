@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Write tiny random Llama GGUF files for tests.
+"""Write tiny random GGUF files for tests, of every architecture mlx_llama runs.
 
-    from make_fixture import make_tiny_llama
+    from make_fixture import make_tiny, make_tiny_llama
     make_tiny_llama("tiny.gguf", tensor_type="Q4_1", n_layers=2)
+    make_tiny("qwen3.gguf", arch="qwen3", head_dim=32)
 
     python scripts/make_fixture.py OUT.gguf --type Q4_1 [--layers N --hidden H ...]
 
-The model is a valid ``llama``-architecture GGUF (loadable by llama.cpp) with
+The model is a valid GGUF of its architecture (loadable by llama.cpp) with
 random weights and the tokenizer metadata (all ``tokenizer.*`` keys) copied
 from ``vocab_from`` (default: the SmolLM2-135M GGUF shipped by
 the default model), so it can be run end to end.  The vocab size is the number of
@@ -95,38 +96,79 @@ def _type_for(name: str, tensor_type) -> GGMLQuantizationType:
     return GGMLQuantizationType.F32
 
 
-def make_tiny_llama(
+# Per architecture: what its tiny files hold beyond Llama's tensors (see mlx_llama.architectures).
+ARCH_DEFAULTS = {
+    "llama": {},
+    "qwen2": {"biases": ("attn_q", "attn_k", "attn_v")},
+    "qwen3": {},
+    "phi3": {"fused_qkv": True},
+    "gemma3": {"sliding_window": 4, "swa_pattern": 3, "rope_base_swa": 10000.0, "rope_base": 1e6},
+}
+QK_NORM = ("qwen3", "gemma3")
+SANDWICH = ("gemma3",)
+FUSED_GATE_UP = ("phi3",)
+
+
+def make_tiny_llama(path, **kw) -> Path:
+    """A tiny ``llama`` file (see `make_tiny`)."""
+    return make_tiny(path, arch="llama", **kw)
+
+
+def make_tiny(
     path,
     *,
+    arch: str = "llama",
     tensor_type="F32",
     n_layers: int = 2,
     hidden: int = 64,
     n_heads: int = 4,
     n_kv_heads: int = 2,
     ffn: int = 128,
+    head_dim: int | None = None,
+    rope_dims: int | None = None,
     vocab_from=None,
     tied: bool = True,
     seed: int = 0,
-    rope_base: float = 10000.0,
+    rope_base: float | None = None,
     context_length: int = 256,
     extra_metadata: dict | None = None,
     rms_eps: float = 1e-5,
+    embed_std: float = 0.25,
+    biases: tuple = None,
+    fused_qkv: bool | None = None,
+    rope_freqs: bool = False,
+    long_rope: bool = False,
+    sliding_window: int | None = None,
+    swa_pattern: int = 3,
+    rope_base_swa: float = 10000.0,
+    softcap: float = 0.0,
 ) -> Path:
-    """Write a random tiny llama GGUF to ``path`` and return it as a ``Path``.
+    """Write a random tiny GGUF of architecture ``arch`` to ``path`` and return it as a ``Path``.
 
-    ``extra_metadata``: ``{key: value}`` added (or overriding) at the end;
-    value types are inferred (bool, int -> UINT32 (INT32 if negative),
-    float -> FLOAT32, str, list of those), or give ``(value, GGUFValueType)``;
-    a value of ``None`` removes the key (e.g. ``llama.attention.head_count_kv``).
+    ``head_dim``: an explicit head size (written as ``attention.key_length``; default hidden /
+    heads); ``rope_dims``: rotate only that many dims of each head. ``biases``: the projections
+    that get a bias (default per architecture: Qwen2's q/k/v). ``fused_qkv``: one ``attn_qkv``
+    (default for phi3). ``rope_freqs``: Llama-3-style frequency factors (1 → 8 across the
+    dims); ``long_rope``: Phi-3-style ``rope_factors_long``/``_short`` with an attention factor
+    and an original context of half ``context_length`` (so the long factors apply).
+    ``sliding_window``/``swa_pattern``/``rope_base_swa`` (gemma3: every ``swa_pattern``-th layer
+    global), ``softcap``: final logit soft-capping. ``embed_std``: the embeddings' spread — larger
+    gives peaked logits (the tied output projects with them).
+
+    ``extra_metadata``: ``{key: value}`` added (or overriding) at the end; value types are
+    inferred (bool, int -> UINT32 (INT32 if negative), float -> FLOAT32, str, list of those),
+    or give ``(value, GGUFValueType)``; a value of ``None`` removes the key.
     """
     path = Path(path)
-    if hidden % n_heads:
-        raise ValueError("hidden must be a multiple of n_heads")
-    if n_heads % n_kv_heads:
-        raise ValueError("n_heads must be a multiple of n_kv_heads")
-    head_dim = hidden // n_heads
-    if head_dim % 2:
-        raise ValueError("head_dim must be even for RoPE")
+    opts = {**ARCH_DEFAULTS[arch]}
+    biases = tuple(opts.get("biases", ())) if biases is None else tuple(biases)
+    fused_qkv = opts.get("fused_qkv", False) if fused_qkv is None else fused_qkv
+    sliding_window = opts.get("sliding_window", 0) if sliding_window is None else sliding_window
+    rope_base = opts.get("rope_base", 10000.0) if rope_base is None else rope_base
+    head_dim = head_dim or hidden // n_heads
+    rope_dims = rope_dims or head_dim
+    if n_heads % n_kv_heads or rope_dims % 2 or rope_dims > head_dim:
+        raise ValueError("n_heads must be a multiple of n_kv_heads, rope_dims even and ≤ head_dim")
 
     vocab_path = str(Path(vocab_from) if vocab_from is not None else default_vocab_gguf())
     tok_fields = _tokenizer_fields(vocab_path)
@@ -134,55 +176,37 @@ def make_tiny_llama(
     if tokens is None:
         raise ValueError(f"{vocab_path} has no tokenizer.ggml.tokens")
     vocab = len(tokens)
-
     rng = np.random.default_rng(seed)
-
-    def mat(out_f, in_f, std=None):
-        std = (1.0 / np.sqrt(in_f)) if std is None else std
-        return (rng.standard_normal((out_f, in_f)) * std).astype(np.float32)
-
-    def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    # numpy order (out_features, in_features); GGUF stores the reversed shape
-    tensors: list[tuple[str, np.ndarray]] = []
-    tensors.append(("token_embd.weight", mat(vocab, hidden, std=0.25)))
-    kv_dim = n_kv_heads * head_dim
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        tensors += [
-            (p + "attn_norm.weight", norm(hidden)),
-            (p + "attn_q.weight", mat(hidden, hidden)),
-            (p + "attn_k.weight", mat(kv_dim, hidden)),
-            (p + "attn_v.weight", mat(kv_dim, hidden)),
-            (p + "attn_output.weight", mat(hidden, hidden)),
-            (p + "ffn_norm.weight", norm(hidden)),
-            (p + "ffn_gate.weight", mat(ffn, hidden)),
-            (p + "ffn_up.weight", mat(ffn, hidden)),
-            (p + "ffn_down.weight", mat(hidden, ffn)),
-        ]
-    tensors.append(("output_norm.weight", norm(hidden)))
-    if not tied:
-        tensors.append(("output.weight", mat(vocab, hidden, std=0.25)))
+    tensors = _tensors(rng, arch, n_layers, hidden, n_heads * head_dim, n_kv_heads * head_dim, ffn, vocab,
+                       head_dim, rope_dims, tied, embed_std, biases, fused_qkv, rope_freqs, long_rope)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(f"tiny-llama-{n_layers}L-{hidden}h")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(f"tiny {n_layers}L {hidden}h")  # no architecture in it: llama.cpp keys tokenizer quirks on names
     w.add_context_length(context_length)
     w.add_embedding_length(hidden)
     w.add_block_count(n_layers)
     w.add_feed_forward_length(ffn)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
-    w.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // n_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(rope_dims)
     w.add_rope_freq_base(float(rope_base))
     w.add_layer_norm_rms_eps(float(rms_eps))
     w.add_vocab_size(vocab)
-    if isinstance(tensor_type, dict):
-        main = tensor_type.get("default", tensor_type.get("*", "F32"))
-    else:
-        main = tensor_type
+    if long_rope:
+        w.add_rope_scaling_attn_factors(1.19)
+        w.add_rope_scaling_orig_ctx_len(context_length // 2)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
+        w.add_sliding_window_pattern(swa_pattern)
+        w.add_rope_freq_base_swa(float(rope_base_swa))
+    if softcap:
+        w.add_final_logit_softcapping(float(softcap))
+    main = tensor_type.get("default", tensor_type.get("*", "F32")) if isinstance(tensor_type, dict) else tensor_type
     w.add_file_type(_FILE_TYPE[_norm_type(main).name])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -199,23 +223,77 @@ def make_tiny_llama(
             _add_extra(w, key, val)
 
     for name, arr in tensors:
-        if arr.ndim == 1:
-            w.add_tensor(name, arr)  # norms: F32
-            continue
-        qt = _type_for(name, tensor_type)
-        if qt == GGMLQuantizationType.F32:
-            w.add_tensor(name, arr)
-        elif qt == GGMLQuantizationType.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, quantize(arr, qt), raw_dtype=qt)
-
+        _add_tensor(w, name, arr, tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     os.replace(tmp, path)
     return path
+
+
+def _tensors(rng, arch, n_layers, hidden, q_dim, kv_dim, ffn, vocab, head_dim, rope_dims, tied, embed_std,
+             biases, fused_qkv, rope_freqs, long_rope) -> list[tuple[str, np.ndarray]]:
+    """The random tensors, numpy order (out_features, in_features); GGUF stores the reversed shape."""
+
+    def mat(out_f, in_f, std=None):
+        std = (1.0 / np.sqrt(in_f)) if std is None else std
+        return (rng.standard_normal((out_f, in_f)) * std).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n):
+        return (0.5 * rng.standard_normal(n)).astype(np.float32)
+
+    tensors = [("token_embd.weight", mat(vocab, hidden, std=embed_std))]
+    if rope_freqs:  # Llama-3.1's shape: high frequencies kept, low ones slowed down up to 8×
+        tensors.append(("rope_freqs.weight", np.linspace(1.0, 8.0, rope_dims // 2).astype(np.float32)))
+    if long_rope:
+        tensors.append(("rope_factors_long.weight", np.linspace(1.0, 12.0, rope_dims // 2).astype(np.float32)))
+        tensors.append(("rope_factors_short.weight", np.linspace(1.0, 1.5, rope_dims // 2).astype(np.float32)))
+    attention = {"attn_qkv": (q_dim + 2 * kv_dim, hidden)} if fused_qkv else \
+        {"attn_q": (q_dim, hidden), "attn_k": (kv_dim, hidden), "attn_v": (kv_dim, hidden)}
+    attention["attn_output"] = (hidden, q_dim)
+    mlp = {"ffn_up": (2 * ffn, hidden), "ffn_down": (hidden, ffn)} if arch in FUSED_GATE_UP else \
+        {"ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        tensors.append((p + "attn_norm.weight", norm(hidden)))
+        for name, shape in attention.items():
+            tensors.append((p + name + ".weight", mat(*shape)))
+            if name in biases:
+                tensors.append((p + name + ".bias", bias(shape[0])))
+        if arch in QK_NORM:
+            tensors += [(p + "attn_q_norm.weight", norm(head_dim)), (p + "attn_k_norm.weight", norm(head_dim))]
+        if arch in SANDWICH:
+            tensors.append((p + "post_attention_norm.weight", norm(hidden)))
+        tensors.append((p + "ffn_norm.weight", norm(hidden)))
+        for name, shape in mlp.items():
+            tensors.append((p + name + ".weight", mat(*shape)))
+            if name in biases:
+                tensors.append((p + name + ".bias", bias(shape[0])))
+        if arch in SANDWICH:
+            tensors.append((p + "post_ffw_norm.weight", norm(hidden)))
+    tensors.append(("output_norm.weight", norm(hidden)))
+    if not tied:
+        tensors.append(("output.weight", mat(vocab, hidden, std=embed_std)))
+        if "output" in biases:
+            tensors.append(("output.bias", bias(vocab)))
+    return tensors
+
+
+def _add_tensor(w: gguf.GGUFWriter, name: str, arr: np.ndarray, tensor_type) -> None:
+    if arr.ndim == 1:
+        w.add_tensor(name, arr)  # norms, biases, RoPE factors: F32
+        return
+    qt = _type_for(name, tensor_type)
+    if qt == GGMLQuantizationType.F32:
+        w.add_tensor(name, arr)
+    elif qt == GGMLQuantizationType.F16:
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        w.add_tensor(name, quantize(arr, qt), raw_dtype=qt)
 
 
 def _add_extra(w: gguf.GGUFWriter, key: str, val) -> None:

@@ -36,6 +36,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -322,7 +323,7 @@ def greedy(llm, prompt_ids: list[int], n_gen: int, is_eog) -> dict:
     return dict(generated=gen, gaps=gaps, top2=top2, stop_reason=stop)
 
 
-def make_greedy(model: str, meta: dict, out_path: str) -> dict:
+def make_greedy(model: str, meta: dict, out_path: str, prompt_sets=None, n_gen: int = N_GEN) -> dict:
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -330,10 +331,11 @@ def make_greedy(model: str, meta: dict, out_path: str) -> dict:
     vocab = llm._model.vocab
     is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t))  # noqa: E731
     entries = []
-    for kind, prompts, special in (("raw", RAW_PROMPTS, False), ("chatml", CHATML_PROMPTS, True)):
+    prompt_sets = prompt_sets or (("raw", RAW_PROMPTS, False), ("chatml", CHATML_PROMPTS, True))
+    for kind, prompts, special in prompt_sets:
         for name, prompt in prompts:
             ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=special)
-            r = greedy(llm, ids, N_GEN, is_eog)
+            r = greedy(llm, ids, n_gen, is_eog)
             text = llm.detokenize(r["generated"], special=True).decode("utf-8", errors="replace")
             entries.append(dict(name=name, kind=kind, prompt=prompt, special=special,
                                 add_bos=True, prompt_ids=ids, text=text, **r))
@@ -346,8 +348,8 @@ def make_greedy(model: str, meta: dict, out_path: str) -> dict:
             "tokens fed back one at a time), stopping after an end-of-generation token. "
             "gaps[k] = top1 - top2 logit at step k, top2[k] = runner-up id. Prompts "
             "tokenized with add_bos=True (i.e. per metadata) and special=False (raw) or "
-            "special=True (chatml, rendered by hand)." % N_GEN),
-            eog_token_ids=eog_ids, max_new_tokens=N_GEN,
+            "special=True (chatml, rendered by hand)." % n_gen),
+            eog_token_ids=eog_ids, max_new_tokens=n_gen,
             llama_params=dict(n_ctx=N_CTX, n_threads=N_THREADS, n_batch=n_batch,
                               logits_all=False)),
         entries=entries,
@@ -363,6 +365,39 @@ def make_greedy(model: str, meta: dict, out_path: str) -> dict:
     return dict(t_greedy=time.perf_counter() - t0)
 
 
+# ------------------------------------------------------------------------- perplexity
+def make_perplexity(model: str, meta: dict, raw_botchan: bytes, out_path: str, n_chunks: int, ctx: int = 512) -> dict:
+    """llama.cpp's perplexity (llama-perplexity's method): the whole text tokenized once, cut into
+    chunks of `ctx` tokens whose first token is BOS when the vocabulary adds one, the second half
+    of each chunk scored. The text is botchan.txt as `mlx_llama perplexity -f` reads it."""
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    text = raw_botchan.decode("utf-8", errors="replace")
+    llm = Llama(model, n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=N_THREADS, verbose=False)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # add_special, as llama-perplexity
+    import llama_cpp
+
+    bos = llama_cpp.llama_vocab_get_add_bos(llm._model.vocab)
+    nll = []
+    for i in range(n_chunks):
+        chunk = list(ids[i * ctx : (i + 1) * ctx])
+        if bos:
+            chunk[0] = meta["bos_token_id"]
+        llm.reset()
+        llm.eval(chunk)
+        rows = np.array(llm.scores[: ctx], dtype=np.float64)[ctx // 2 : -1]
+        nll.append(logsumexp_rows(rows) - rows[np.arange(len(rows)), chunk[ctx // 2 + 1 :]])
+    nll = np.concatenate(nll)
+    obj = dict(meta=dict(meta, description=f"llama.cpp perplexity over {n_chunks} chunks of {ctx} tokens of "
+                         "botchan.txt (as read by mlx_llama perplexity -f), second half of each chunk scored"),
+               chunks=n_chunks, ctx=ctx, scored=int(len(nll)), perplexity=float(math.exp(nll.mean())))
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write(dump_json(obj))
+    print(f"\n[perplexity] {obj['perplexity']:.4f} over {n_chunks} chunks")
+    return dict(t_perplexity=time.perf_counter() - t0)
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -375,6 +410,12 @@ def main() -> None:
                     help="skip the extra llama.cpp runs at other settings (noise floor)")
     ap.add_argument("--slow-noise-floor", action="store_true",
                     help="also run llama.cpp token by token for the noise floor (slow)")
+    ap.add_argument("--prefix", default="smollm2", help="golden file names: PREFIX_botchan512.npz, PREFIX_greedy.json")
+    ap.add_argument("--raw-prompts", type=int, default=len(RAW_PROMPTS), help="greedy runs from the first N raw prompts")
+    ap.add_argument("--no-chatml", action="store_true", help="no ChatML prompts (a model of another template)")
+    ap.add_argument("--n-gen", type=int, default=N_GEN, help="greedy tokens per prompt")
+    ap.add_argument("--ppl-chunks", type=int, default=0,
+                    help="also PREFIX_perplexity.json: llama.cpp's perplexity over N chunks of 512 tokens")
     args = ap.parse_args()
 
     import llama_cpp
@@ -402,16 +443,23 @@ def main() -> None:
     raw, src = read_botchan(args.botchan)
     print(f"botchan: {src} (sha256 {hashlib.sha256(raw).hexdigest()[:16]}...)")
 
-    npz_path = os.path.join(args.out_dir, "smollm2_botchan512.npz")
-    json_path = os.path.join(args.out_dir, "smollm2_greedy.json")
+    npz_path = os.path.join(args.out_dir, f"{args.prefix}_botchan512.npz")
+    json_path = os.path.join(args.out_dir, f"{args.prefix}_greedy.json")
     times = make_teacher_forced(
         model, meta, raw, src, npz_path,
         False if args.no_noise_floor else ("slow" if args.slow_noise_floor else True))
-    times.update(make_greedy(model, meta, json_path))
+    prompt_sets = [("raw", RAW_PROMPTS[: args.raw_prompts], False)]
+    if not args.no_chatml:
+        prompt_sets.append(("chatml", CHATML_PROMPTS, True))
+    times.update(make_greedy(model, meta, json_path, prompt_sets, args.n_gen))
+    written = [npz_path, json_path]
+    if args.ppl_chunks:
+        written.append(os.path.join(args.out_dir, f"{args.prefix}_perplexity.json"))
+        times.update(make_perplexity(model, meta, raw, written[-1], args.ppl_chunks))
     total = time.perf_counter() - t_start
 
     print("\nwrote:")
-    for p in (npz_path, json_path):
+    for p in written:
         print(f"  {os.path.relpath(p, REPO)}  {os.path.getsize(p):,} bytes  "
               f"sha256 {sha256_file(p)[:16]}...")
     print("timings: " + ", ".join(f"{k[2:]} {v:.1f}s" for k, v in times.items())

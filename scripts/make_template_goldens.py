@@ -93,7 +93,7 @@ def default_model() -> Path:
     return Path(path())
 
 
-def hf_render(source: str, tokens: dict, messages, add_generation_prompt: bool) -> str:
+def hf_render(source: str, tokens: dict, messages, add_generation_prompt: bool, **kwargs) -> str:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -101,7 +101,7 @@ def hf_render(source: str, tokens: dict, messages, add_generation_prompt: bool) 
     stub = Tokenizer(WordLevel({"<stub-unk>": 0}, unk_token="<stub-unk>"))
     tok = PreTrainedTokenizerFast(tokenizer_object=stub, chat_template=source, **tokens)
     assert tok.special_tokens_map == tokens, (tok.special_tokens_map, tokens)
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 def main():

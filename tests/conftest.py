@@ -5,8 +5,8 @@
 * ``smollm2`` (module): its ``(model, tokenizer)`` in the CPU mode; ``smol_gguf``: the open
   file; ``smol_tokenizer``: its tokenizer alone.
 * ``tiny_gguf``     (session): factory ``tiny_gguf(tensor_type="F32", **kw) -> Path``
-  writing a random tiny llama GGUF with ``scripts/make_fixture.make_tiny_llama``
-  (same keyword arguments); cached per argument set.
+  writing a random tiny GGUF with ``scripts/make_fixture.make_tiny`` (same keyword arguments,
+  ``arch="llama"`` by default); cached per argument set.
 * ``reference``     (module): factory ``reference(path) -> ReferenceModel``
   (``tests/reference.py``), the two most recent cached per resolved path.
 """
@@ -28,7 +28,7 @@ for _p in (_TESTS, _ROOT / "scripts"):
 
 import mlx_llama  # noqa: E402,F401  (before mlx.core: the fast BLAS)
 import mlx.core as mx  # noqa: E402
-from make_fixture import make_tiny_llama  # noqa: E402
+from make_fixture import make_tiny  # noqa: E402
 from reference import ReferenceModel  # noqa: E402
 
 # Hundreds of model loads run in this one process. MLX keeps freed buffers for reuse, and glibc
@@ -94,7 +94,7 @@ def tiny_gguf(tmp_path_factory):
     made: dict = {}
     root = tmp_path_factory.mktemp("tiny_gguf")
 
-    sig = inspect.signature(make_tiny_llama)
+    sig = inspect.signature(make_tiny)
 
     def factory(tensor_type="F32", **kw) -> Path:
         bound = sig.bind(None, tensor_type=tensor_type, **kw)
@@ -103,7 +103,7 @@ def tiny_gguf(tmp_path_factory):
         args.pop("path")
         key = _freeze(args)
         if key not in made:
-            made[key] = make_tiny_llama(root / f"tiny_{len(made)}.gguf", tensor_type=tensor_type, **kw)
+            made[key] = make_tiny(root / f"tiny_{len(made)}.gguf", tensor_type=tensor_type, **kw)
         return made[key]
 
     return factory

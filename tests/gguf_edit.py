@@ -1,7 +1,7 @@
 """Copy a GGUF file with changes: drop or retype metadata keys, reshape or drop tensors.
 
 Used by the tests to make real broken files (a missing key, an ill-typed key, a tensor whose
-shape disagrees with the config) from a good one.
+shape disagrees with the config, a tensor nothing uses) from a good one.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import numpy as np
 V = gguf.GGUFValueType
 
 
-def rewrite_gguf(src, dst, *, drop_keys=(), set_keys=None, drop_tensors=(), tensor_shapes=None) -> None:
+def rewrite_gguf(src, dst, *, drop_keys=(), set_keys=None, drop_tensors=(), tensor_shapes=None, add_tensors=None) -> None:
     """set_keys: key → (value, GGUFValueType); tensor_shapes: name → new numpy-order shape
-    (the tensor's raw bytes are kept, so a new shape must hold the same number of elements)."""
+    (the tensor's raw bytes are kept, so a new shape must hold the same number of elements);
+    add_tensors: name → numpy array (float32) written after the file's own tensors."""
     set_keys = dict(set_keys or {})
     tensor_shapes = tensor_shapes or {}
     r = gguf.GGUFReader(src)
@@ -39,6 +40,8 @@ def rewrite_gguf(src, dst, *, drop_keys=(), set_keys=None, drop_tensors=(), tens
         raw = np.asarray(t.data).view(np.uint8).reshape(-1)
         byte_shape = (*shape[:-1], shape[-1] // block * size)
         w.add_tensor(t.name, raw.reshape(byte_shape), raw_shape=byte_shape, raw_dtype=qtype)
+    for name, array in (add_tensors or {}).items():
+        w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -56,7 +56,8 @@ from mlx.utils import tree_flatten
 
 from make_quant_fixtures import requantize
 from mlx_llama.gguf_file import GGUFFile
-from mlx_llama.loader import expected_shapes, load_model
+from mlx_llama.architectures import read_config, tensor_shapes
+from mlx_llama.loader import load_model
 from mlx_llama.model import Model, module_path
 from mlx_llama.quants import FORMATS, type_name
 
@@ -102,10 +103,10 @@ class Reference:
     """The float32 Llama graph with gguf.quants.dequantize weights."""
 
     def __init__(self, f: GGUFFile, ids=TEXT_IDS):
-        cfg, tied = f.config(), "output.weight" not in f.tensors
+        cfg = read_config(f)
         weights = [(module_path(name), mx.array(gguf.quants.dequantize(f.tensors[name].data, f.tensors[name].ggml_type).reshape(shape)))
-                   for name, shape in expected_shapes(cfg, tied).items()]
-        model = Model(cfg, tied_embeddings=tied, dtype=mx.float32, cpu_kernels=mx.default_device() == mx.cpu)
+                   for name, shape in tensor_shapes(cfg).items()]
+        model = Model(cfg, dtype=mx.float32, cpu_kernels=mx.default_device() == mx.cpu)
         model.load_weights(weights, strict=True)
         self.logits = np.array(model(mx.array([ids]))[0])
 

@@ -1,0 +1,73 @@
+"""Layers for weights that stay in their file's form: MLX's affine quantization read exactly,
+and Q2_K/Q6_K blocks dequantized when used. A layer's weight carries a bias when the file has one.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import cuda_kernels
+from .quants import dequantize_blocks
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """Looks rows up in float32: MLX's own layer computes them in the float16 of the scales,
+    which would round every embedding value the GGUF file holds exactly."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scales, biases = self["scales"][x].astype(mx.float32), self["biases"][x].astype(mx.float32)
+        return mx.dequantize(self["weight"][x], scales, biases, group_size=self.group_size, bits=self.bits)
+
+
+class Embedding(nn.Embedding):
+    def to_quantized(self, group_size=None, bits=None, mode="affine", **kwargs):
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
+class BlockLinear(nn.Module):
+    """A linear layer whose weight stays in the GGUF file's Q2_K/Q6_K blocks (see
+    `quants.Blocks`): dequantized exactly, in the input's dtype, each time it runs. `fields`
+    holds the blocks' fields, and "bias" when the layer has one."""
+
+    def __init__(self, ggml_type: int, fields: dict[str, mx.array]):
+        super().__init__()
+        self.ggml_type = ggml_type
+        for name, value in fields.items():
+            self[name] = value
+
+    def fields(self, rows: mx.array | None = None, after: mx.array | None = None) -> dict[str, mx.array]:
+        """The block fields (or the rows `rows` of them); with `after`, usable only once `after`
+        is computed: MLX would otherwise schedule every layer's (input-independent)
+        dequantization at the start of a forward pass and hold all the dense weights at once."""
+        names = [k for k, v in self.items() if isinstance(v, mx.array) and k != "bias"]
+        arrays = [self[k] if rows is None else self[k][rows] for k in names]
+        if after is not None:
+            arrays = mx.depends(arrays, [after])
+        return dict(zip(names, arrays))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.product(x)
+        return y + self["bias"] if "bias" in self else y
+
+    def product(self, x: mx.array) -> mx.array:
+        if not cuda_kernels.available():
+            return x @ dequantize_blocks(self.ggml_type, self.fields(after=x), x.dtype).T
+        if x.size // x.shape[-1] <= cuda_kernels.MATVEC_MAX_ROWS:  # decoding: read only the blocks
+            return cuda_kernels.block_matvec(x, self.ggml_type, self.fields())
+        return x @ cuda_kernels.dequantize(self.ggml_type, self.fields(after=x), x.dtype).T
+
+
+class BlockEmbedding(BlockLinear):
+    """An embedding table in Q2_K/Q6_K blocks: a lookup dequantizes only the rows it picks."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return dequantize_blocks(self.ggml_type, self.fields(rows=ids), mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.product(x)
+
+
+def block_layer(path: str, ggml_type: int, fields: dict[str, mx.array]) -> BlockLinear:
+    """The layer for Q2_K/Q6_K blocks at module `path`: the embedding table or a linear layer."""
+    return (BlockEmbedding if path == "token_embd" else BlockLinear)(ggml_type, fields)
