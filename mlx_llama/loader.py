@@ -54,7 +54,6 @@ def load(path=None, **kwargs) -> tuple[Model, Tokenizer]:
         f = GGUFFile(path)
         model = load_model(f, **kwargs)
     tokenizer = Tokenizer.from_gguf(f)
-    tokenizer.metadata = f.metadata  # for the chat template and its special tokens
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
     if mx.default_device() == mx.cpu:

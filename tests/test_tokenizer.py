@@ -412,6 +412,23 @@ def test_missing_tokenizer_model_is_a_gguf_error():
         Tokenizer.from_gguf(SimpleNamespace(path="x.gguf", metadata={}))
 
 
+@pytest.mark.parametrize("role", ["bos", "eos"])
+def test_bos_or_eos_asked_for_but_missing_is_a_gguf_error(role):
+    """The vocabulary asks for BOS/EOS but has no such token (BPE's default id 11 is out of range)."""
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+          "tokenizer.ggml.merges": ["a b"], f"tokenizer.ggml.add_{role}_token": True}
+    tok = Tokenizer("x.gguf", md)
+    assert tok.encode("ab", add_special=False) == [2]
+    with pytest.raises(GGUFError, match=f"x.gguf: vocabulary asks for {role.upper()} but has no {role.upper()} token") as e:
+        tok.encode("ab")
+    assert e.value.path == "x.gguf"
+
+
+def test_tokenizer_keeps_its_metadata():
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
+    assert Tokenizer("x.gguf", md).metadata is md
+
+
 # ---------------------------------------------------------------------------------------------
 # llama.cpp's vocab test files
 # ---------------------------------------------------------------------------------------------

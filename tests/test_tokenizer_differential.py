@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 from test_tokenizer import FastGGUFMetadata, LlamaCppVocab, report, vocab_path
 
-from mlx_llama.tokenizer import _UNICODE_RANGES, _WHITESPACE, Attr, Tokenizer
+from mlx_llama.tokenizer import Tokenizer
+from mlx_llama.tokenizer.alphabet import Attr
+from mlx_llama.tokenizer.unicode_data import UNICODE_RANGES, WHITESPACE
 
 N_STRINGS = int(os.environ.get("MLX_LLAMA_TOKENIZER_STRINGS", "2000"))
 N_STRINGS_EXTRA = int(os.environ.get("MLX_LLAMA_TOKENIZER_EXTRA_STRINGS", "500"))
@@ -319,11 +321,11 @@ def test_unicode_tables_are_llama_cpp_s():
     for k in range(len(starts) - 1):
         per_cp += [flags[k]] * (starts[k + 1] - starts[k])
     for cat, bit in (("L", 0x4), ("N", 0x2), ("M", 0x10), ("P", 0x20)):
-        assert " ".join(_UNICODE_RANGES[cat].split()) == _ranges([f & bit != 0 for f in per_cp]), cat
+        assert " ".join(UNICODE_RANGES[cat].split()) == _ranges([f & bit != 0 for f in per_cp]), cat
 
     # std::unordered_set's initializer: all but its last value (U+3000) are stored as an array
     ws = [0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
           0x2028, 0x2029, 0x202F, 0x205F, 0x3000]
     assert struct.pack(f"<{len(ws) - 1}I", *ws[:-1]) in data, "llama.cpp's whitespace set differs"
     every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
-    assert [ord(c) for c in re.findall(f"[{_WHITESPACE}]", every)] == ws
+    assert [ord(c) for c in re.findall(f"[{WHITESPACE}]", every)] == ws
