@@ -123,8 +123,8 @@ def test_fixture_types(tiny_gguf, reference):
     assert (mixed.cfg.n_layers, mixed.cfg.hidden, mixed.cfg.n_heads, mixed.cfg.n_kv_heads,
             mixed.cfg.ffn) == (2, 64, 4, 2, 128)
     for li in range(2):
-        for role, w in mixed.layers[li].items():
-            tol = TOL[types[f"blk.{li}.{role}.weight"]]
+        for role, w in mixed.layers[li].items():  # role: "attn_q.weight", ...
+            tol = TOL[types[f"blk.{li}.{role}"]]
             err = np.max(np.abs(w - plain.layers[li][role]))
             assert err <= tol, (li, role, err)
             if tol:
