@@ -46,7 +46,7 @@ def describe(path, all_metadata: bool = False) -> dict:
     report = {
         "file": f.path,
         "file_size": f.file_size,
-        "gguf_version": md.get("GGUF.version"),
+        "gguf_version": f.version,
         "architecture": md.get("general.architecture"),
         "name": md.get("general.name"),
         "parameters": n_params,
@@ -65,7 +65,7 @@ def describe(path, all_metadata: bool = False) -> dict:
         "chat_template": "tokenizer.chat_template" in md,
     }
     if all_metadata:
-        report["metadata"] = {k: _summary(v) for k, v in md.items() if not k.startswith("GGUF.") and k not in SHOWN_KEYS}
+        report["metadata"] = {k: _summary(v) for k, v in md.items() if k not in SHOWN_KEYS}
     return report
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import gguf
 
-from mlx_llama.gguf_file import open_reader
+from mlx_llama.gguf_file import GGUFFile
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.quants import quantize
 
@@ -60,17 +60,15 @@ def default_vocab_gguf() -> Path:
 @functools.lru_cache(maxsize=8)
 def _tokenizer_fields(path: str) -> tuple:
     """All ``tokenizer.*`` metadata of a GGUF as (key, value, vtype, sub_type) tuples."""
-    reader = open_reader(path)
+    f = GGUFFile(path)
     out = []
-    for key, f in reader.fields.items():
+    for key, val in f.metadata.items():
         if not key.startswith("tokenizer."):
             continue
-        vtype = f.types[0]
-        sub = f.types[1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
-        val = f.contents()
+        vtype, sub = f.types[key]
         if vtype == GGUFValueType.ARRAY:
             val = tuple(val)
-        out.append((key, val, vtype, sub))
+        out.append((key, val, GGUFValueType(vtype), None if sub is None else GGUFValueType(sub)))
     return tuple(out)
 
 

@@ -165,10 +165,10 @@ def test_smollm2_tokens_equal_llama_cpp_live(smollm2_path, smol_tokenizer):
 
 
 def _vocab(name):
-    from test_tokenizer import FastGGUFMetadata, vocab_path  # GGUFFile is slow on 128k-token vocabularies
+    from test_tokenizer import vocab_path
 
     path = vocab_path(name)
-    return path, FastGGUFMetadata(path)
+    return path, GGUFFile(path)
 
 
 @pytest.mark.parametrize("vocab,names", [("llama-spm", ["llama-2", "zephyr"]), ("llama-bpe", ["llama-3"])])

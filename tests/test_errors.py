@@ -25,8 +25,8 @@ def broken_files(good, tmp):
         cases.append((name, path, expected))
 
     add("bad_magic", "not a GGUF file", lambda p: p.write_bytes(b"GGML" + data[4:]))
-    add("cut_header", "corrupt or truncated header", lambda p: p.write_bytes(data[:300]))
-    add("cut_tensor", "file is truncated: tensor", lambda p: p.write_bytes(data[: len(data) - 1000]))
+    add("cut_header", "truncated or corrupt header", lambda p: p.write_bytes(data[:300]))
+    add("cut_tensor", "file is truncated or corrupt: tensor", lambda p: p.write_bytes(data[: len(data) - 1000]))
     add("missing_key", "missing metadata key 'llama.block_count'", lambda p: rewrite_gguf(good, p, drop_keys=["llama.block_count"]))
     add("ill_typed_key", "'llama.block_count' has type str, expected int",
         lambda p: rewrite_gguf(good, p, set_keys={"llama.block_count": ("two", V.STRING)}))

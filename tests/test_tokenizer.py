@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import random
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from mlx_llama.gguf_file import GGUFError, GGUFFile
@@ -164,56 +162,6 @@ def smol_ref(smollm2_path) -> LlamaCppVocab:
     return LlamaCppVocab(smollm2_path)
 
 
-class FastGGUFMetadata:
-    """Just the metadata of a GGUF file, read with struct/numpy.
-
-    gguf.GGUFReader (behind GGUFFile) takes ~5 s per 50k tokens, far too slow for a dozen
-    vocabularies of up to 256k tokens; Tokenizer.from_gguf only needs `.path` and `.metadata`.
-    test_fast_metadata_reader_agrees checks it against GGUFFile.
-    """
-
-    _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self._buf = buf = path.read_bytes()
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        n_kv = struct.unpack_from("<Q", buf, 16)[0]
-        self._off = 24
-        self.metadata = {}
-        self.types = {}  # key → (GGUF value type, item type of an array or None)
-        for _ in range(n_kv):
-            key = self._str()
-            t = self._unpack("<I")
-            item_type = struct.unpack_from("<I", buf, self._off)[0] if t == 9 else None
-            self.types[key] = (t, item_type)
-            self.metadata[key] = self._value(t)
-
-    def _unpack(self, fmt: str):
-        v = struct.unpack_from(fmt, self._buf, self._off)[0]
-        self._off += struct.calcsize(fmt)
-        return v
-
-    def _str(self) -> str:
-        n = self._unpack("<Q")
-        self._off += n
-        return self._buf[self._off - n:self._off].decode("utf-8")
-
-    def _value(self, t: int):
-        if t == 8:
-            return self._str()
-        if t == 9:
-            item_type, n = self._unpack("<I"), self._unpack("<Q")
-            if item_type == 8:
-                return [self._str() for _ in range(n)]
-            dtype = np.dtype(self._SCALAR[item_type].replace("?", "B"))
-            values = np.frombuffer(self._buf, dtype, n, self._off)
-            self._off += n * dtype.itemsize
-            return values.astype(bool).tolist() if item_type == 7 else values.tolist()
-        return self._unpack(self._SCALAR[t])
-
-
 def vocab_path(name: str, *suffixes: str) -> Path:
     """tests/.cache/vocab/ggml-vocab-<name>.gguf (fetched once, `resources.vocab_dir`); the test
     skips only when the download is impossible (offline)."""
@@ -232,7 +180,7 @@ _vocab_cache: dict[str, Tokenizer] = {}  # the last few used: 128k-token vocabul
 
 def vocab_tokenizer(name: str, *suffixes: str) -> Tokenizer:
     path = vocab_path(name, *suffixes)
-    tok = _vocab_cache.pop(name, None) or Tokenizer.from_gguf(FastGGUFMetadata(path))
+    tok = _vocab_cache.pop(name, None) or Tokenizer.from_gguf(GGUFFile(path))
     _vocab_cache[name] = tok
     while len(_vocab_cache) > 3:
         _vocab_cache.pop(next(iter(_vocab_cache)))
@@ -345,22 +293,9 @@ def test_smollm2_streaming_detokenizer(smol_tokenizer, smol_representable):
     assert detok.add(ids[0]) + detok.finalize() == smol_tokenizer.decode(ids[:1]) == "\ufffd"
 
 
-def test_fast_metadata_reader_agrees(smol_gguf, smollm2_path):
-    fast = FastGGUFMetadata(smollm2_path).metadata
-    for key, value in smol_gguf.metadata.items():
-        if key.startswith("GGUF."):  # header fields GGUFReader adds to the key/value pairs
-            continue
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        if isinstance(value, float):
-            assert fast[key] == pytest.approx(value), key
-        else:
-            assert fast[key] == value, key
-
-
 def test_end_of_generation_texts_are_forced_to_control(smollm2_path):
     """llama.cpp treats e.g. <|im_end|> as a control token even when the file calls it normal."""
-    meta = FastGGUFMetadata(smollm2_path)
+    meta = GGUFFile(smollm2_path)  # its own copy: the metadata is changed below
     types = list(meta.metadata["tokenizer.ggml.token_type"])
     types[2] = types[4] = 1  # <|im_end|> (end of generation) and <reponame> (FIM repo) → normal
     meta.metadata["tokenizer.ggml.token_type"] = types
@@ -505,7 +440,7 @@ def test_spm_space_handling():
 
 def test_unsupported_llama_cpp_vocab_is_a_gguf_error():
     with pytest.raises(GGUFError, match="unsupported tokenizer model 'bert'"):
-        Tokenizer.from_gguf(FastGGUFMetadata(vocab_path("bert-bge")))
+        Tokenizer.from_gguf(GGUFFile(vocab_path("bert-bge")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +448,7 @@ def test_unsupported_llama_cpp_vocab_is_a_gguf_error():
 # ---------------------------------------------------------------------------------------------
 
 
-def write_vocab_gguf(path: Path, meta: FastGGUFMetadata, changes: dict) -> Path:
+def write_vocab_gguf(path: Path, meta: GGUFFile, changes: dict) -> Path:
     """A vocabulary-only GGUF with `meta`'s keys (their original types) updated by `changes`."""
     import gguf
 
@@ -541,7 +476,7 @@ def test_special_tokens_match_llama_cpp(name, smollm2_path):
     and the end-of-generation set are llama.cpp's."""
     path = smollm2_path if name == "smollm2" else vocab_path(name)
     ref = LlamaCppVocab(path)
-    tok = Tokenizer.from_gguf(FastGGUFMetadata(path))
+    tok = Tokenizer.from_gguf(GGUFFile(path))
     attrs = [ref.lib.llama_vocab_get_attr(ref.vocab, i) for i in range(ref.n_vocab)]
     assert tok._attr == attrs
     assert tok.stop_ids == ref.eog_ids()
@@ -570,7 +505,7 @@ def extended_vocab(request, tmp_path_factory):
     """(name, our Tokenizer, llama.cpp's, texts of the added tokens) of a vocabulary with
     EXTRA_SPECIALS appended, and add_bos / add_eos flipped from what the file says."""
     name = request.param
-    meta = FastGGUFMetadata(vocab_path(name))
+    meta = GGUFFile(vocab_path(name))
     md = meta.metadata
     changes = {
         "tokenizer.ggml.tokens": list(md["tokenizer.ggml.tokens"]) + [t for t, _ in EXTRA_SPECIALS],
@@ -582,7 +517,7 @@ def extended_vocab(request, tmp_path_factory):
         changes["tokenizer.ggml.scores"] = list(md["tokenizer.ggml.scores"]) + [0.0] * len(EXTRA_SPECIALS)
     path = write_vocab_gguf(tmp_path_factory.mktemp("vocab") / f"{name}-extended.gguf", meta, changes)
     ref = LlamaCppVocab(path)
-    new_meta = FastGGUFMetadata(path)
+    new_meta = GGUFFile(path)
     return name, Tokenizer.from_gguf(new_meta), ref
 
 
@@ -666,7 +601,7 @@ def test_streaming_detokenizer_is_linear(name, smollm2_path):
     each token is rendered once, and the pieces concatenate to decode()."""
     import time
 
-    tok = Tokenizer.from_gguf(FastGGUFMetadata(smollm2_path)) if name == "smollm2" else vocab_tokenizer(name)
+    tok = Tokenizer.from_gguf(GGUFFile(smollm2_path)) if name == "smollm2" else vocab_tokenizer(name)
     paragraph = _paragraph_ids(tok)
     reps = -(-5_000 // len(paragraph))
     ids = paragraph * (4 * reps)

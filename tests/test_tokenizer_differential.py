@@ -27,8 +27,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_tokenizer import FastGGUFMetadata, LlamaCppVocab, report, vocab_path
+from test_tokenizer import LlamaCppVocab, report, vocab_path
 
+from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.tokenizer import Tokenizer
 from mlx_llama.tokenizer.alphabet import Attr
 from mlx_llama.tokenizer.unicode_data import UNICODE_RANGES, WHITESPACE
@@ -171,7 +172,7 @@ class Case:
     def __init__(self, name: str, path: Path, n: int):
         self.name = name
         self.ref = LlamaCppVocab(path)
-        self.tok = Tokenizer.from_gguf(FastGGUFMetadata(path))
+        self.tok = Tokenizer.from_gguf(GGUFFile(path))
         self.strings = generated_strings(self.tok, n)
         # llama.cpp's ids per flag combination, computed once for the encode and round-trip tests
         self.ids = {combo: [self.ref.tokenize(s, *combo) for s in self.strings] for combo in COMBOS}
