@@ -13,7 +13,7 @@ GPU two `mx.fast.cuda_kernel`s do better:
   per weight, each value computed as gguf computes it (float32, round-to-nearest intrinsics so
   the compiler fuses no multiply-add): identical to `quants.dequantize_blocks`.
 
-Both take the fields as `quants._split_blocks` makes them: Q6_K qs (rows, nb, 192: 128 bytes of
+Both take the fields as `quants.split_blocks` makes them: Q6_K qs (rows, nb, 192: 128 bytes of
 low 4 bits, then 64 of high 2 bits), scales (rows, nb, 16) int8, d (rows, nb) float16; Q2_K
 scales (rows, nb, 16) uint8, qs (rows, nb, 64), d and dmin (rows, nb) float16.
 """

@@ -20,6 +20,23 @@ class GGUFError(MlxLlamaError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class ChatTemplateError(MlxLlamaError):
+    """A chat template that cannot be chosen, compiled or rendered."""
+
+
+class TemplateRaisedError(ChatTemplateError):
+    """The template called `raise_exception(message)`; `.message` is the template's text."""
+
+    def __init__(self, message: str, template_name: str = "chat template"):
+        self.message = str(message)
+        self.template_name = template_name
+        super().__init__(f"{template_name}: {self.message}")
+
+
+class ChatTemplateSecurityError(ChatTemplateError):
+    """The sandbox refused something the template did (dunder attributes, mutating methods…)."""
+
+
 class MlxLlamaWarning(UserWarning):
     """Something works, but not as well as it could; the CLI prints it as one line."""
 

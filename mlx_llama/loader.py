@@ -16,7 +16,7 @@ from .errors import GGUFError
 from .architectures import check_tensors, read_config
 from .gguf_file import GGUFFile
 from .model import Model, build_model, module_path
-from .quants import BF16, F16, F32, FORMATS, Affine, Blocks, decode_tensor, type_name
+from .quants import BF16, F16, F32, Affine, Blocks, decode_tensor, type_name
 from .tokenizer import Tokenizer
 
 # The CPU-mode rule: on the CPU, expand quantized weights to float32 (so every matmul goes through
@@ -89,25 +89,23 @@ def load_model(
                desc="loading", disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
     for name in shapes:
         t = f.tensors[name]
-        # Q2_K/Q6_K (no exact affine form): gguf's float32 values when expanding, else their
-        # compact form (the file's blocks by default; see `quants.set_subblock16_form`).
-        decoded = decode_tensor(f.path, t, dense_dtype=dtype if cpu_dequantize else mx.float16, expand=bool(cpu_dequantize))
+        if len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
+            raise GGUFError(f.path, f"tensor {name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
+        # RoPE frequency factors stay float32: float16 would round every angle
+        dense_dtype = mx.float32 if name.startswith("rope_") else dtype
+        # In its final form: dense in `dense_dtype` (every weight, when expanding), or compact
+        # (Q2_K/Q6_K: the file's blocks by default; see `quants.set_subblock16_form`).
+        decoded = decode_tensor(f.path, t, dense_dtype=dense_dtype, expand=bool(cpu_dequantize))
         key = module_path(name)
         path = key[: -len(".weight")]
-        if isinstance(decoded, Affine) and not cpu_dequantize:
+        if isinstance(decoded, Affine):
             quantized[path] = {"group_size": decoded.group_size, "bits": decoded.bits}
             weights += [(key, decoded.weight), (path + ".scales", decoded.scales), (path + ".biases", decoded.biases)]
-        elif isinstance(decoded, Affine):
-            weights.append((key, decoded.dequantize(dtype)))
         elif isinstance(decoded, Blocks):
             blocks[path] = decoded.ggml_type
             weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
-        elif FORMATS[t.ggml_type].block_size > 1:  # Q2_K/Q6_K dense, already in their dtype
-            weights.append((key, decoded.weight))
-        elif len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
-            raise GGUFError(f.path, f"tensor {name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
-        else:  # RoPE frequency factors stay float32: float16 would round every angle
-            weights.append((key, decoded.weight.astype(mx.float32 if name.startswith("rope_") else dtype)))
+        else:
+            weights.append((key, decoded))
         mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
         bar.update(t.data.nbytes)
     bar.close()

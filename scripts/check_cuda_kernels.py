@@ -45,7 +45,7 @@ def main() -> int:
     # speed on a 7B ffn_down-sized Q6_K tensor (4096 × 11008)
     rows, cols = 4096, 11008
     blocks = random_blocks(rng, rows, cols, T_Q6_K).reshape(rows, cols // 256, -1)
-    fields = quants._split_blocks(quants.Q6_K, blocks).fields
+    fields = quants.split_blocks(quants.Q6_K, blocks).fields
     dense = cuda_kernels.dequantize(quants.Q6_K, fields, mx.float16)
     x = mx.random.normal((1, 1, cols)).astype(mx.float16)
     mx.eval(dense, x)

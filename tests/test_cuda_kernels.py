@@ -19,7 +19,7 @@ TYPES = [quants.Q6_K, quants.Q2_K]
 def random_fields(ggml_type: int, rows: int, nb: int, seed: int = 0):
     """Valid blocks (`test_quants.random_blocks`), split into the fields the kernels take."""
     blocks = random_blocks(ggml_type, rows, nb, seed)
-    return quants._split_blocks(ggml_type, blocks.reshape(rows, nb, -1)).fields
+    return quants.split_blocks(ggml_type, blocks.reshape(rows, nb, -1)).fields
 
 
 def cpu_values(ggml_type, fields) -> np.ndarray:

@@ -75,7 +75,7 @@ KINDS = {
     "Q6_K": ("Q6_K", {}, {"Q8_0", "Q6_K"}),
     "IQ4_XS": ("IQ4_XS", {r"ffn_(gate|up)|attn_(q|output)": "Q4_0"}, {"IQ4_NL", "IQ4_XS", "Q5_K", "Q4_0", "Q8_0"}),
 }
-# Exact in both modes (see mlx_llama/quants.py): affine with gguf's own float16 scales, or the
+# Exact in both modes (see mlx_llama/quants/__init__.py): affine with gguf's own float16 scales, or the
 # file's blocks (Q2_K, Q6_K).
 EXACT_KEPT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "IQ4_NL", "Q2_K", "Q6_K"}
 # float16-rounded scales in the quantized form (exact, through float32 scales, when dequantized)

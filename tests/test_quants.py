@@ -15,7 +15,8 @@ import pytest
 
 from mlx_llama import quants
 from mlx_llama.gguf_file import GGUFError, TensorInfo
-from mlx_llama.quants import FORMATS, Affine, Blocks, Dense, decode_tensor
+from mlx_llama.quants import FORMATS, Affine, Blocks, decode_tensor, formats
+from mlx_llama.quants.affine import pack
 
 T = gguf.GGMLQuantizationType
 FIXTURES = Path(__file__).parent / "golden" / "quant_fixtures.npz"
@@ -31,13 +32,13 @@ F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: 
 EXACT = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.IQ4_NL}  # float16 scales are gguf's
 
 
-def decode(qtype, blocks: np.ndarray, shape, **kw) -> Dense | Affine | Blocks:
+def decode(qtype, blocks: np.ndarray, shape, **kw) -> mx.array | Affine | Blocks:
     return decode_tensor("t.gguf", TensorInfo("w", int(qtype), tuple(shape), blocks), **kw)
 
 
 def as_numpy(decoded) -> np.ndarray:
     """The float32 values of a decoded form: `dequantize()` (Affine, Blocks) or the dense weight."""
-    w = decoded.weight.astype(mx.float32) if isinstance(decoded, Dense) else decoded.dequantize()
+    w = decoded.astype(mx.float32) if isinstance(decoded, mx.array) else decoded.dequantize()
     return np.array(w)
 
 
@@ -78,7 +79,7 @@ def check_against_gguf(qtype, blocks: np.ndarray, shape):
         np.testing.assert_array_equal(np.array(picked), ref[[rows - 1, 0]])
         # expanded at load (the CPU path): gguf's float32 values, dense
         expanded = decode(qtype, blocks, shape, dense_dtype=mx.float32, expand=True)
-        assert isinstance(expanded, Dense)
+        assert isinstance(expanded, mx.array)
         np.testing.assert_array_equal(as_numpy(expanded).reshape(shape), ref)
         return decoded
     # Every other type: 0. Dense types are copied; for affine ones, float16 scale × (≤ 8-bit q) is
@@ -86,7 +87,7 @@ def check_against_gguf(qtype, blocks: np.ndarray, shape):
     # float32 addition rounds the same way. Where MLX's float16 scales would round gguf's
     # (Q4_K, Q5_K, IQ4_XS), `dequantize` uses the float32 ones the decoder keeps in `exact`.
     np.testing.assert_array_equal(ours, ref)
-    if isinstance(decoded, Dense):
+    if isinstance(decoded, mx.array):
         return decoded
     kept = quantized_form(decoded).reshape(shape)
     if qtype in EXACT:
@@ -122,7 +123,7 @@ def test_gguf_quantized_blocks(qtype):
     # wide dynamic range per row, so scales and zero points vary a lot
     x = (rng.standard_normal((16, 256)) * rng.uniform(0.01, 30, (16, 1))).astype(np.float32)
     decoded = check_against_gguf(qtype, gguf.quants.quantize(x, qtype), x.shape)
-    assert isinstance(decoded, Dense if FORMATS[int(qtype)].block_size == 1 else Affine)
+    assert isinstance(decoded, mx.array if FORMATS[int(qtype)].block_size == 1 else Affine)
 
 
 @pytest.mark.parametrize("qtype", LLAMA_CPP_ONLY + [T.Q5_0, T.Q5_1], ids=lambda t: t.name)
@@ -172,7 +173,7 @@ def test_packing_is_mlx_layout(bits):
     wq, _, _ = mx.quantize(w, group_size=32, bits=bits)
     unit = mx.ones((8, 8))
     q = np.array(mx.dequantize(wq, unit, mx.zeros((8, 8)), group_size=32, bits=bits)).astype(np.uint8)
-    np.testing.assert_array_equal(quants._pack(q, bits), np.array(wq))
+    np.testing.assert_array_equal(pack(q, bits), np.array(wq))
 
 
 @pytest.mark.parametrize("bits", [8, 6, 3])
@@ -214,7 +215,7 @@ def test_dense_subblock16(qtype):
         assert FORMATS[int(qtype)].bits_per_weight == 16
     finally:
         quants.set_subblock16_form()
-    assert isinstance(d, Dense) and d.weight.dtype == mx.float16
+    assert isinstance(d, mx.array) and d.dtype == mx.float16
     np.testing.assert_array_equal(as_numpy(d), ref.astype(np.float16).astype(np.float32))
 
 
@@ -226,7 +227,7 @@ def test_table_matches_gguf_and_bits_per_weight():
         # bits_per_weight is what the decoded arrays really take
         blocks = random_blocks(qtype, 4, 512 // fmt.block_size) if qtype in F16_FIELDS else np.zeros((4, 512 * fmt.type_size), np.uint8)
         d = decode(qtype, blocks, (4, 512))
-        arrays = [d.weight] if isinstance(d, Dense) else list(d.fields.values()) if isinstance(d, Blocks) else [d.weight, d.scales, d.biases]
+        arrays = [d] if isinstance(d, mx.array) else list(d.fields.values()) if isinstance(d, Blocks) else [d.weight, d.scales, d.biases]
         assert sum(a.nbytes for a in arrays) * 8 / (4 * 512) == fmt.bits_per_weight, qtype.name
     # the exact native-size affine forms stay within 1.15× the file's bytes
     for qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K):
@@ -240,7 +241,7 @@ def test_chunked_decoding_is_seamless(monkeypatch):
         block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
         blocks = random_blocks(qtype, 37, 768 // block_size)
         whole = decode(qtype, blocks, (37, 768))
-        monkeypatch.setattr(quants, "CHUNK_WEIGHTS", 3 * 768)  # 3 rows at a time, 13 pieces
+        monkeypatch.setattr(formats, "CHUNK_WEIGHTS", 3 * 768)  # 3 rows at a time, 13 pieces
         pieces = decode(qtype, blocks, (37, 768))
         monkeypatch.undo()
         if isinstance(whole, Blocks):
@@ -269,7 +270,7 @@ def test_memory_mapped_tensor_pages_are_released_not_lost(tmp_path):
 def test_vector_decodes_to_1d():
     v = np.arange(64, dtype=np.float32)
     d = decode_tensor("t.gguf", TensorInfo("n", int(T.F32), (64,), v))
-    assert d.weight.shape == (64,)
+    assert d.shape == (64,)
 
 
 def test_wrong_size_and_type_are_one_line_errors():
