@@ -48,10 +48,13 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         (["generate", "hi", "-p", "also"], "give the prompt one way"),
         (["generate"], "no prompt"),
         (["generate", "hi", "-m", str(tmp_path / "missing.gguf")], "missing.gguf: No such file or directory"),
+        (["generate", "hi", "--no-such-flag"], "No such option '--no-such-flag'"),
+        (["no-such-command"], "No such command 'no-such-command'"),
     ]:
         r = runner.invoke(main, args)
         assert r.exit_code == 2, (args, r.output)
         assert expected in r.output, (args, r.output)
+        assert r.output.startswith("mlx_llama: error: ") and r.output.count("\n") == 1, (args, r.output)  # one line
         assert r.exception is None or isinstance(r.exception, SystemExit)
 
 

@@ -1,0 +1,45 @@
+"""The `mlx_llama` command line: one module per command, what they share in `common`.
+
+Every error a user can cause — a bad flag, a bad file, a bad request — is one line on stderr,
+`mlx_llama: error: …`, and exit status 2; click's own usage errors included.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+
+from .chat import chat
+from .common import fail, show_warning
+from .generate import generate
+from .info import info
+from .perplexity import perplexity
+
+
+class OneLineErrors(click.Group):
+    """click's group, with its usage errors as one line instead of usage + hint + message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `mlx_llama` alone: the help, as click shows it
+            click.echo(e.ctx.get_help())
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            fail(" ".join(e.format_message().split()))
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx_llama")
+def main():
+    """Run GGUF language models on MLX."""
+    warnings.showwarning = show_warning
+
+
+for command in (generate, chat, perplexity, info):
+    main.add_command(command)
