@@ -45,14 +45,39 @@ class GenerationStats:
         return n / self.generation_seconds if n > 0 and self.generation_seconds else 0.0
 
 
-def prefill(model: Model, tokens: mx.array, cache) -> mx.array:
-    """Run all prompt tokens through the model; return the last position's logits (1, V)."""
+def prefill_chunks(model: Model, tokens: mx.array, cache) -> Iterator[mx.array | None]:
+    """`prefill` one chunk at a time, so that a scheduler can run other work between chunks:
+    yields None after each chunk but the last, then the last position's logits (1, V)."""
     while tokens.size > PREFILL_CHUNK:
         model.hidden(tokens[None, :PREFILL_CHUNK], cache)
         mx.eval([c.state for c in cache])
         tokens = tokens[PREFILL_CHUNK:]
+        yield None
     # only the last position's logits are needed: skip the vocabulary projection for the rest
-    return model.logits(model.hidden(tokens[None], cache)[:, -1, :])
+    yield model.logits(model.hidden(tokens[None], cache)[:, -1, :])
+
+
+def prefill(model: Model, tokens: mx.array, cache) -> mx.array:
+    """Run all prompt tokens through the model; return the last position's logits (1, V)."""
+    *_, logits = prefill_chunks(model, tokens, cache)
+    return logits
+
+
+class TokenSampler:
+    """One sequence's sampler: `make_sampler` plus the window of recent tokens its penalties
+    read (the last `penalty_last_n`, prompt included)."""
+
+    def __init__(self, params: SamplingParams, seen: list[int]):
+        self.sample = make_sampler(params)
+        self.n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
+        self.history = mx.array(list(seen)[-self.n_hist:] if self.n_hist else [], mx.int32)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """logits (1, V) → the next token (1,) int32, not yet evaluated."""
+        y = self.sample(logits, self.history)
+        if self.n_hist:
+            self.history = mx.concatenate([self.history, y])[-self.n_hist:]
+        return y
 
 
 def generate_tokens(
@@ -67,17 +92,8 @@ def generate_tokens(
 
     past: tokens the cache already holds before `prompt`, seen by the penalties (as llama.cpp's
     penalties see the whole session)."""
-    sample = make_sampler(params)
+    step = TokenSampler(params, list(past) + list(prompt))
     cache = cache if cache is not None else model.make_cache()
-    n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
-    history = mx.array((list(past) + list(prompt))[-n_hist:] if n_hist else [], mx.int32)
-
-    def step(logits: mx.array) -> mx.array:
-        nonlocal history
-        y = sample(logits, history)
-        if n_hist:
-            history = mx.concatenate([history, y])[-n_hist:]
-        return y
 
     y = step(prefill(model, mx.array(prompt, mx.int32), cache))
     mx.async_eval(y)
@@ -113,6 +129,55 @@ class StopStrings:
         return out
 
 
+def token_budget(context: int, held: int, n_new: int, max_tokens: int, stats: GenerationStats,
+                 context_name: str = "the model's context") -> int:
+    """How many tokens may be generated after `held` cached and `n_new` prompt tokens within
+    `context`; an error when the prompt does not fit. Sets the token counts and the finish
+    reason that applies when the budget runs out ("context" when the context cuts `max_tokens`)."""
+    if held + n_new >= context:
+        raise MlxLlamaError(f"the prompt has {held + n_new} tokens, more than {context_name} of {context}")
+    room = context - held - n_new
+    stats.prompt_tokens, stats.cached_tokens = n_new, held
+    stats.finish_reason = "context" if max_tokens >= room else "length"
+    return min(max_tokens, room)
+
+
+class TokenText:
+    """Sampled tokens → the text to show, as `stream_tokens` hands it out: ends at an
+    end-of-generation token or a stop string (neither shown); keeps `stats` (counts, timings,
+    finish reason) up to date. `done` turns True when generation should stop."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_ids: set[int], stop_strings, stats: GenerationStats, started: float):
+        # continuation: a SentencePiece first token keeps its leading space, as llama.cpp prints it after a prompt
+        self.detok, self.stops = tokenizer.detokenizer(continuation=True), StopStrings(stop_strings)
+        self.stop_ids, self.stats, self.started = stop_ids, stats, started
+        self.done = False
+
+    def add(self, token: int) -> str:
+        """The text this token completes ('' while held back)."""
+        stats, now = self.stats, time.perf_counter()
+        if not stats.sampled:
+            stats.prompt_seconds = now - self.started
+        else:
+            stats.generation_seconds = now - self.started - stats.prompt_seconds
+        stats.sampled.append(token)
+        if token in self.stop_ids:
+            stats.finish_reason = "stop"
+            return self.close()
+        stats.generated_tokens += 1
+        stats.tokens.append(token)
+        text, stopped = self.stops.push(self.detok.add(token))
+        if stopped:
+            stats.finish_reason, self.done = "stop", True
+        return text
+
+    def close(self) -> str:
+        """What was held back, once generation ends at a token limit or an end-of-generation token."""
+        self.done = True
+        text, stopped = self.stops.push(self.detok.finalize())
+        return text + ("" if stopped else self.stops.flush())
+
+
 def stream_tokens(
     model: Model,
     tokenizer: Tokenizer,
@@ -133,39 +198,17 @@ def stream_tokens(
     string (not shown), `max_tokens`, or the context length. `stats.sampled` gets every sampled
     token (the stop token included), so callers can tell which tokens the cache holds.
     """
-    context = model.config.context_length
     held = cache[0].offset if cache else 0
-    if held + len(ids) >= context:
-        raise MlxLlamaError(f"the prompt has {held + len(ids)} tokens, more than the model's context of {context}")
-    room = context - held - len(ids)
-    stopped_by_context = max_tokens >= room
-    max_tokens = min(max_tokens, room)
+    max_tokens = token_budget(model.config.context_length, held, len(ids), max_tokens, stats)
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    stats.prompt_tokens, stats.cached_tokens = len(ids), held
-    stats.finish_reason = "context" if stopped_by_context else "length"
-    # continuation: a SentencePiece first token keeps its leading space, as llama.cpp prints it after a prompt
-    detok, stops = tokenizer.detokenizer(continuation=True), StopStrings(stop_strings)
-    t0 = time.perf_counter()
+    out = TokenText(tokenizer, stop_ids, stop_strings, stats, time.perf_counter())
     for token in generate_tokens(model, ids, params, max_tokens, cache=cache, past=past):
-        now = time.perf_counter()
-        if not stats.sampled:
-            stats.prompt_seconds = now - t0
-        else:
-            stats.generation_seconds = now - t0 - stats.prompt_seconds
-        stats.sampled.append(token)
-        if token in stop_ids:
-            stats.finish_reason = "stop"
-            break
-        stats.generated_tokens += 1
-        stats.tokens.append(token)
-        text, stopped = stops.push(detok.add(token))
+        text = out.add(token)
         if text:
             yield text
-        if stopped:
-            stats.finish_reason = "stop"
+        if out.done:
             return
-    text, stopped = stops.push(detok.finalize())
-    text += "" if stopped else stops.flush()
+    text = out.close()
     if text:
         yield text
 

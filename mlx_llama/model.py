@@ -111,7 +111,7 @@ class Attention(nn.Module):
             return qkv[..., : self.q_dim], qkv[..., self.q_dim : self.q_dim + self.kv_dim], qkv[..., self.q_dim + self.kv_dim :]
         return self.attn_q(x), self.attn_k(x), self.attn_v(x)
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | list[KVCache | None] | None) -> mx.array:
         B, T, _ = x.shape
         q, k, v = self.projections(x)
         # (B, T, heads · head_dim) → (B, heads, T, head_dim)
@@ -120,15 +120,25 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "attn_q_norm" in self:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        if isinstance(cache, list):
+            # batched decoding: one cache per row, each sequence at its own position; the
+            # projections above ran on all rows at once, attention runs row by row (a row
+            # whose cache is None is padding: zeros)
+            out = mx.concatenate([self.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c, T) if c is not None
+                                  else mx.zeros_like(q[i : i + 1]) for i, c in enumerate(cache)])
+        else:
+            out = self.attend(q, k, v, cache, T)
+        return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None, T: int) -> mx.array:
+        """RoPE at the cache's position, the cache updated, attention: (B, heads, T, head_dim)."""
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if self.cpu_kernels:
-            out = kernels.attention(q, k, v, self.scale, self.window)
-        else:
-            out = self.gpu_attention(q, k, v, T)
-        return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+            return kernels.attention(q, k, v, self.scale, self.window)
+        return self.gpu_attention(q, k, v, T)
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:
         if self.window and T == 1:
@@ -203,7 +213,9 @@ class Model(nn.Module):
         self.softcap = cfg.final_logit_softcap
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """tokens: (B, T) int → logits (B, T, vocab)."""
+        """tokens: (B, T) int → logits (B, T, vocab). cache: one KVCache per layer, shared by the B
+        rows; or, per layer, a list of B caches (None for a padding row): rows at different
+        positions, as `batch.Batch` decodes them."""
         return self.logits(self.hidden(tokens, cache))
 
     def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:

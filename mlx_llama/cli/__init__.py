@@ -16,6 +16,7 @@ from .common import fail, show_warning
 from .generate import generate
 from .info import info
 from .perplexity import perplexity
+from .serve import serve
 
 
 class OneLineErrors(click.Group):
@@ -41,5 +42,5 @@ def main():
     warnings.showwarning = show_warning
 
 
-for command in (generate, chat, perplexity, info):
+for command in (generate, chat, perplexity, info, serve):
     main.add_command(command)
