@@ -69,8 +69,30 @@ def shell_env() -> dict:
     return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
 
 
-BASH = [(line, body) for line, lang, body in blocks() if lang == "bash"]
-PYTHON = [(line, body) for line, lang, body in blocks() if lang == "python"]
+# Blocks that talk to `mlx_llama serve` (the Server section) run together, in README order, by
+# test_server_blocks: it starts the server where the block says `mlx_llama serve … &`, on a free
+# port that replaces 8080 in the blocks, and stops it at the end.
+SERVER_URL = "http://127.0.0.1:8080"
+SERVER_BLOCKS = [(line, lang, body) for line, lang, body in blocks() if SERVER_URL in body]
+BASH = [(line, body) for line, lang, body in blocks() if lang == "bash" and SERVER_URL not in body]
+PYTHON = [(line, body) for line, lang, body in blocks() if lang == "python" and SERVER_URL not in body]
+
+
+def check_command(line: int, part: str, expected: list[str], cwd) -> None:
+    assert shlex.split(part)[0] in ("mlx_llama", "echo", "curl"), f"README.md:{line}: {part}"
+    r = subprocess.run(part, shell=True, capture_output=True, text=True, env=shell_env(), cwd=cwd, timeout=600)
+    assert r.returncode == 0, f"README.md:{line}: {part}\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+    for text in expected:
+        assert text in r.stdout, f"README.md:{line}: {part} printed {r.stdout!r}, not {text!r}"
+
+
+def check_python(line: int, body: str, cwd) -> None:
+    r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert r.returncode == 0, f"README.md:{line}:\n{r.stderr}"
+    assert "Warning" not in r.stderr, r.stderr
+    for text in (x[len("# →"):].strip() for x in body.splitlines() if x.startswith("# →")):
+        assert text in r.stdout, f"README.md:{line}: printed {r.stdout!r}, not {text!r}"
 
 
 @pytest.mark.parametrize("line, body", BASH, ids=[f"line{n}" for n, _ in BASH])
@@ -82,19 +104,32 @@ def test_shell_block(line, body, smollm2_path, tmp_path):
             elif part.startswith("python -m pytest"):
                 continue  # this suite
             else:
-                assert shlex.split(part)[0] in ("mlx_llama", "echo", "curl"), f"README.md:{line}: {part}"
-                r = subprocess.run(part, shell=True, capture_output=True, text=True, env=shell_env(),
-                                   cwd=tmp_path, timeout=600)
-                assert r.returncode == 0, f"README.md:{line}: {part}\n{r.stderr}"
-                assert "Traceback" not in r.stderr
-                for text in expected:
-                    assert text in r.stdout, f"README.md:{line}: {part} printed {r.stdout!r}, not {text!r}"
+                check_command(line, part, expected, tmp_path)
 
 
 @pytest.mark.parametrize("line, body", PYTHON, ids=[f"line{n}" for n, _ in PYTHON])
 def test_python_block(line, body, smollm2_path, tmp_path):
-    r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert r.returncode == 0, f"README.md:{line}:\n{r.stderr}"
-    assert "Warning" not in r.stderr, r.stderr
-    for text in (x[len("# →"):].strip() for x in body.splitlines() if x.startswith("# →")):
-        assert text in r.stdout, f"README.md:{line}: printed {r.stdout!r}, not {text!r}"
+    check_python(line, body, tmp_path)
+
+
+@pytest.mark.skipif(not SERVER_BLOCKS, reason="the README has no server blocks")
+def test_server_blocks(smollm2_path, tmp_path):
+    from server_process import ServerProcess
+
+    server = None
+    try:
+        for line, lang, body in SERVER_BLOCKS:
+            if lang == "python":
+                assert server is not None, f"README.md:{line}: a server block before `mlx_llama serve`"
+                check_python(line, body.replace(SERVER_URL, server.url), tmp_path)
+                continue
+            for command, expected in commands(body):
+                if command.startswith("mlx_llama serve"):
+                    assert command.endswith("&"), f"README.md:{line}: the server runs in the background"
+                    server = ServerProcess(*shlex.split(command[:-1])[2:])
+                else:
+                    check_command(line, command.replace(SERVER_URL, server.url), expected, tmp_path)
+    finally:
+        if server is not None:
+            log = server.stop()
+            assert "Traceback" not in log, log

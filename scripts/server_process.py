@@ -1,4 +1,4 @@
-"""A real `mlx_llama serve` process for the tests, on a port the OS picks.
+"""A real `mlx_llama serve` process (for the tests and `bench_server.py`), on a port the OS picks.
 
 The server is started with `--port 0`; the port is read from the line it prints once it
 listens. `ServerProcess.stop()` ends it (SIGINT, as Ctrl-C) and returns what it printed.
@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 
 
 class ServerProcess:
