@@ -19,6 +19,8 @@ first request sent to the last token received (their prompts' prefill included).
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -70,6 +72,14 @@ def concurrent(client: Client, prompts: list[str], kw: dict) -> list[dict]:
     for t in threads:
         t.join()
     return results
+
+
+def cli_tps(model: str, tokens: int, banned: dict) -> None:
+    """`mlx_llama generate`'s generation tokens/s on the first prompt: the single-sequence loop."""
+    bias = [a for t in banned for a in ("-l", f"{t}-inf")]
+    r = subprocess.run([sys.executable, "-m", "mlx_llama", "generate", "-m", model, "--temp", "0", "-n", str(tokens),
+                        *bias, PROMPTS[0]], capture_output=True, text=True, check=True)
+    print("mlx_llama generate (no server, one sequence): " + re.search(r"generation: [^|]*", r.stderr).group(0))
 
 
 def batching(model: str, n: int, tokens: int, banned: dict) -> None:
@@ -144,6 +154,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_gguf(GGUFFile(model))
     stops = tokenizer.stop_ids | stop_token_ids(file_template(tokenizer), tokenizer)
     banned = {str(t): -100 for t in stops}  # every answer runs to --tokens
+    cli_tps(model, args.tokens, banned)
     batching(model, 4, args.tokens, banned)
     batching(model, 8, args.tokens, banned)
     caching_and_disconnect(model)

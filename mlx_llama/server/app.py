@@ -81,7 +81,8 @@ class Server:
 
     def make_job(self, req, prompt, template) -> Job:
         """Tokenize and check a request (in a worker thread: a long prompt takes a while)."""
-        params = req.sampling(self.scheduler.model.config.vocab_size)
+        vocab = self.scheduler.model.config.vocab_size
+        params = req.sampling(vocab)
         limit = req.limit()
         if limit is not None and limit > self.settings.max_tokens:
             raise RequestError(f"max_tokens is {limit}, more than this server's limit of {self.settings.max_tokens}",
@@ -93,6 +94,10 @@ class Server:
         context = self.scheduler.context
         if not encoded.ids:
             raise RequestError("the prompt is empty (no tokens)", param="prompt", code="invalid_value")
+        bad = next((t for t in encoded.ids if not 0 <= t < vocab), None)  # token ids given as such
+        if bad is not None:
+            raise RequestError(f"token {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt",
+                               code="invalid_value")
         if len(encoded.ids) >= context:
             raise RequestError(f"the prompt has {len(encoded.ids)} tokens, more than the context of {context}",
                                code="context_length_exceeded")
