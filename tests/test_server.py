@@ -271,3 +271,14 @@ def test_api_key(server, model_id):
     assert server.health()["status"] == "ok"  # /health and the page need no key
     status, _ = post(server, CHAT, good)
     assert status == 200
+
+
+def test_command_line_errors_are_one_line(server, tmp_path):
+    port = urlparse(server.url).port
+    bad_file = tmp_path / "bad.gguf"
+    bad_file.write_bytes(b"not a gguf file")
+    for args, word in ((["--port", str(port)], "cannot listen"), (["--port", "0", "-m", str(bad_file)], "bad.gguf"),
+                       (["--parallel", "0"], "parallel")):
+        r = subprocess.run([sys.executable, "-m", "mlx_llama", "serve", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and word in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("mlx_llama: error:"), r.stderr
