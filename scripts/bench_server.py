@@ -19,6 +19,7 @@ first request sent to the last token received (their prompts' prefill included).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -94,11 +95,16 @@ def batching(model: str, n: int, tokens: int, banned: dict) -> None:
         equal = sum(a["text"] == b["text"] for a, b in zip(alone, together))
         total = sum(r["usage"].completion_tokens for r in together)
         wall = max(r["last"] for r in together) - min(r["sent"] for r in together)
+        # generation alone, as for one client: the tokens after each first one, from the first
+        # first token to the last token (the later prompts' prefills still fall inside)
+        gen = sum(r["usage"].completion_tokens - 1 for r in together) / (
+            max(r["last"] for r in together) - min(r["first"] for r in together))
         each = [generation_tps(r) for r in together]
         print(f"--parallel {n}: 1 client {one:.1f} tok/s (generation, mean of {n} prompts alone) | "
-              f"{n} clients: {total} tokens in {wall:.1f}s = {total / wall:.1f} tok/s aggregate "
-              f"({total / wall / one:.2f}x one client), each {min(each):.1f}-{max(each):.1f} tok/s | "
-              f"answers equal to alone: {equal}/{n}")
+              f"{n} clients: aggregate generation {gen:.1f} tok/s ({gen / one:.2f}x one client); "
+              f"{total} tokens in {wall:.1f}s wall, prefills included = {total / wall:.1f} tok/s ({total / wall / one:.2f}x); "
+              f"each client {min(each):.1f}-{max(each):.1f} tok/s | answers equal to alone: {equal}/{n} | "
+              f"load average {os.getloadavg()[0]:.1f}")
     finally:
         server.stop()
 
