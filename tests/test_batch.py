@@ -59,8 +59,9 @@ def test_one_row_is_the_single_sequence_loop(smollm2, prompts):
     assert seq.stats.sampled == stats.sampled and seq.stats.finish_reason == stats.finish_reason == "length"
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temp=0), SamplingParams(temp=0.9, seed=3, repeat_penalty=1.2)],
-                         ids=["greedy", "seeded"])
+# greedy batching is also checked over HTTP (test_server: 4 concurrent clients), so it runs with -m slow
+@pytest.mark.parametrize("params", [pytest.param(SamplingParams(temp=0), id="greedy", marks=pytest.mark.slow),
+                                    pytest.param(SamplingParams(temp=0.9, seed=3, repeat_penalty=1.2), id="seeded")])
 def test_sequences_in_a_batch_get_their_own_tokens(smollm2, prompts, params):
     alone = [run(smollm2, 3, [sequence(smollm2, p, params)], [0])[0] for p in prompts]
     together = run(smollm2, 3, [sequence(smollm2, p, params) for p in prompts], joins=[0, 2, 5])
