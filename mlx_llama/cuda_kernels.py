@@ -5,10 +5,11 @@ ops alone, each use writes the whole weight out in the compute dtype and reads i
 GPU two `mx.fast.cuda_kernel`s do better:
 
 * `block_matvec` — x @ W.T for a few rows of x (decoding): each warp walks one weight row's
-  blocks (or every SPLIT-th of them, where the rows are too few to fill the GPU), lanes take 8
-  weights of each 256-weight block (the bytes they read are consecutive across the warp),
-  accumulate in float32 and reduce with shuffles; a split row's partial sums are added after.
-  It reads only the blocks.
+  blocks (or every SPLIT-th of them, where the rows are too few to fill the GPU) and reads only
+  the blocks; sums in float32, reduced with shuffles; a split row's partial sums added after.
+  Q6_K: four blocks per warp step, 8 lanes each, a lane's 32 weights from two 16-byte loads of
+  low bits and two of high bits (the high bits are shared by 4 lanes: L1 serves the repeats),
+  its activations 16 bytes at a time (`cuda_affine.load32`). Q2_K (rare): a lane per weight.
 * `dequantize` — the weights in the compute dtype (prefill: then one cuBLAS matmul), one thread
   per weight, each value computed as gguf computes it (float32, round-to-nearest intrinsics so
   the compiler fuses no multiply-add): identical to `quants.dequantize_blocks`.
@@ -22,7 +23,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import cuda_affine
+from .cuda_affine import HEADER
 from .quants import Q2_K, Q6_K
+
 MATVEC_MAX_ROWS = 8  # rows of x up to which `block_matvec` beats dequantize + matmul
 
 # -- the value of weight i (0..255) of block blk, as float32: gguf's arithmetic --------------------
@@ -77,6 +81,54 @@ _MATVEC = """
         if (lane == 0) out[(int64_t(part) * NT + t) * ROWS + row] = v;
     }}
 """
+_Q6_K_MATVEC = """
+    // lanes 8s..8s+7 take block b + s (s = 0..3) of the warp's step; lane k of those 8 takes the
+    // block's weights 32k..32k+31: half h = k / 4, part p = k % 4 of it, l = 0..31
+    const int warp = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    const int row = warp / SPLIT, split = warp % SPLIT;
+    if (row >= ROWS) return;
+    const int sub = lane >> 3, k = lane & 7, h = k >> 2, p = k & 3;
+    float acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+    for (int b = 4 * split + sub; b < NB; b += 4 * SPLIT) {{
+        const int64_t blk = int64_t(row) * NB + b;
+        const uint8_t* bq = qs + blk * 192;
+        // low 4 bits: bytes 64h + 32(p & 1) + l, nibble p / 2; high 2 bits: bytes 128 + 32h + l, bits 2p
+        const uint4 lo0 = __ldg(reinterpret_cast<const uint4*>(bq + 64 * h + 32 * (p & 1)));
+        const uint4 lo1 = __ldg(reinterpret_cast<const uint4*>(bq + 64 * h + 32 * (p & 1) + 16));
+        const uint4 hi0 = __ldg(reinterpret_cast<const uint4*>(bq + 128 + 32 * h));
+        const uint4 hi1 = __ldg(reinterpret_cast<const uint4*>(bq + 128 + 32 * h + 16));
+        const uint32_t lo[8] = {{lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w}};
+        const uint32_t hi[8] = {{hi0.x, hi0.y, hi0.z, hi0.w, hi1.x, hi1.y, hi1.z, hi1.w}};
+        const float dd = static_cast<float>(d[blk]);
+        // weights 16j.. of the block have scale 16-group 8h + 2p + j (j = 0, 1), as gguf: d · sc
+        const float dl0 = __fmul_rn(dd, static_cast<float>(scales[blk * 16 + 8 * h + 2 * p]));
+        const float dl1 = __fmul_rn(dd, static_cast<float>(scales[blk * 16 + 8 * h + 2 * p + 1]));
+        const int nib = 4 * (p >> 1), sh = 2 * p;
+        float wv[32];
+#pragma unroll
+        for (int l = 0; l < 32; ++l) {{
+            const uint32_t low = (lo[l >> 2] >> (8 * (l & 3) + nib)) & 15u;
+            const uint32_t high = (hi[l >> 2] >> (8 * (l & 3) + sh)) & 3u;
+            const float q = __uint_as_float(0x4B000000u | (low | (high << 4))) - 8388640.0f;  // q − 32
+            wv[l] = __fmul_rn(l < 16 ? dl0 : dl1, q);
+        }}
+        for (int t = 0; t < NT; ++t) {{
+            float xv[32];
+            load32(x + int64_t(t) * NB * 256 + int64_t(b) * 256 + 128 * h + 32 * p, xv);
+            float dot = 0.0f;
+#pragma unroll
+            for (int l = 0; l < 32; ++l) dot = fmaf(wv[l], xv[l], dot);
+            acc[t] += dot;
+        }}
+    }}
+    for (int t = 0; t < NT; ++t) {{
+        float v = acc[t];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0) out[(int64_t(split) * NT + t) * ROWS + row] = v;
+    }}
+"""
 # Enough warps to fill a large GPU (~16K): rows with few warps are split along their blocks.
 TARGET_WARPS = 16384
 
@@ -84,17 +136,22 @@ _kernels: dict = {}
 
 
 def available() -> bool:
-    """True where these kernels can run: MLX's CUDA backend, default device the GPU."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    """True where these kernels can run: MLX's CUDA backend, default device the GPU (see
+    `cuda_affine.available`)."""
+    return cuda_affine.available()
 
 
 def _kernel(kind: str, ggml_type: int):
     key = (kind, ggml_type)
     if key not in _kernels:
         fields = _FIELDS[ggml_type]
-        body = (_DEQUANTIZE if kind == "dequantize" else _MATVEC).format(value=_VALUE[ggml_type])
+        if kind == "matvec" and ggml_type == Q6_K:
+            body = _Q6_K_MATVEC.format()
+        else:
+            body = (_DEQUANTIZE if kind == "dequantize" else _MATVEC).format(value=_VALUE[ggml_type])
         inputs = fields if kind == "dequantize" else ["x", *fields]
-        _kernels[key] = mx.fast.cuda_kernel(name=f"mlx_llama_{kind}_{ggml_type}", input_names=inputs, output_names=["out"], source=body)
+        _kernels[key] = mx.fast.cuda_kernel(name=f"mlx_llama_{kind}_{ggml_type}", input_names=inputs, output_names=["out"],
+                                            source=body, header=HEADER)
     return _kernels[key]
 
 
@@ -117,7 +174,8 @@ def block_matvec(x: mx.array, ggml_type: int, fields: dict) -> mx.array:
     nt = 1
     for n in lead:
         nt *= n
-    split = max(1, min(nb, -(-TARGET_WARPS // rows)))
+    per_step = 4 if ggml_type == Q6_K else 1  # blocks a warp takes at once
+    split = max(1, min(-(-nb // per_step), -(-TARGET_WARPS // rows)))
     out = _kernel("matvec", ggml_type)(
         inputs=[x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])],
         template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("SPLIT", split)],

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from . import kernels
 from .architectures import ModelConfig
 from .cache import KVCache
-from .layers import BlockLinear, Embedding, block_layer
+from .layers import BlockLinear, Embedding, Linear, block_layer
 
 BLOCK_LEVEL = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")  # norms that sit in the block itself
 
@@ -77,7 +77,7 @@ class RoPE(nn.Module):
 
 
 def linear(cfg: ModelConfig, name: str, n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=name in cfg.biases)
+    return Linear(n_in, n_out, bias=name in cfg.biases)
 
 
 class Attention(nn.Module):
@@ -149,7 +149,7 @@ class FeedForward(nn.Module):
             self.glu = kernels.geglu if gelu else kernels.swiglu
         else:
             self.glu = (lambda g, u: nn.gelu_approx(g) * u) if gelu else (lambda g, u: nn.silu(g) * u)
-        self.fused = cfg.arch.fused_gate_up
+        self.fused = cfg.fused_gate_up
         if not self.fused:
             self.ffn_gate = linear(cfg, "ffn_gate", d, f)
         self.ffn_up = linear(cfg, "ffn_up", d, 2 * f if self.fused else f)

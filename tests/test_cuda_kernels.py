@@ -63,3 +63,62 @@ def test_block_linear_uses_both_paths():
         assert got.shape == (*shape[:-1], 64)
         tol = 3e-3 if tf32 and shape[1] > cuda_kernels.MATVEC_MAX_ROWS else 1e-5
         assert np.abs(got - want).max() <= tol * np.abs(want).max(), shape
+
+
+# -- MLX's affine form: `cuda_affine.matvec` and the layers that use it ------------------------
+
+def affine_weights(rows: int, k: int, bits: int, seed: int):
+    w = mx.random.normal((rows, k), key=mx.random.key(seed)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    dense = mx.dequantize(wq, scales, biases, group_size=32, bits=bits, dtype=mx.float32)
+    return wq, scales, biases, np.array(dense).astype(np.float64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("nt", [1, 3, 8])
+def test_affine_matvec_float32(bits, nt):
+    """float32 activations: float32 sums of the exactly dequantized weights (K = 1056: a partial
+    last step of the unrolled loop)."""
+    from mlx_llama import cuda_affine
+
+    wq, scales, biases, dense = affine_weights(72, 1056, bits, seed=bits * 10 + nt)
+    x = mx.random.normal((nt, 1056), key=mx.random.key(nt))
+    got = np.array(cuda_affine.matvec(x, wq, scales, biases, bits))
+    want = np.array(x).astype(np.float64) @ dense.T
+    assert got.shape == (nt, 72) and np.abs(got - want).max() <= 2e-6 * np.abs(want).max() * 1056 ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_affine_matvec_half_activations(dtype):
+    """Half activations are read exactly and summed in float32; only the result is rounded."""
+    from mlx_llama import cuda_affine
+
+    wq, scales, biases, dense = affine_weights(256, 4096, 4, seed=3)
+    x = mx.random.normal((1, 1, 4096), key=mx.random.key(7)).astype(dtype)
+    got = np.array(cuda_affine.matvec(x, wq, scales, biases, 4).astype(mx.float32))
+    want = np.array(x.astype(mx.float32)).astype(np.float64).reshape(1, -1) @ dense.T
+    assert got.shape == (1, 1, 256)
+    rel = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
+    assert np.abs(got.reshape(1, -1) - want).max() <= 2 * rel * np.abs(want).max()
+
+
+def test_affine_linear_uses_both_paths():
+    """AffineLinear on the GPU: the matvec up to 8 rows, dequantize + matmul beyond; the same
+    numbers as MLX's quantized matmul on the CPU (TF32 aside: MLX_ENABLE_TF32=1 by default)."""
+    import os
+
+    from mlx_llama.layers import Linear
+
+    tf32 = os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+    layer = Linear(1024, 96, bias=True)
+    layer.update({"weight": mx.random.normal((96, 1024), key=mx.random.key(1)) * 0.05,
+                  "bias": mx.random.normal((96,), key=mx.random.key(2))})
+    layer = layer.to_quantized(group_size=32, bits=4)
+    for shape in [(1, 1, 1024), (1, 8, 1024), (2, 40, 1024)]:
+        x = mx.random.normal(shape, key=mx.random.key(shape[1]))
+        got = np.array(layer(x))
+        with mx.stream(mx.cpu):
+            want = np.array(mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                                                group_size=32, bits=4) + layer.bias)
+        tol = 3e-3 if tf32 and shape[1] > 8 else 1e-5
+        assert got.shape == (*shape[:-1], 96) and np.abs(got - want).max() <= tol * np.abs(want).max(), shape
