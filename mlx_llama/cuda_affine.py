@@ -4,15 +4,17 @@ Decoding multiplies each weight matrix by one activation row (or a few: a batch)
 is the time to read the weights. MLX's own quantized matvec reads them at ~0.6 TB/s on an H200
 (14% of the card); this kernel is written for the bandwidth:
 
-* one warp per output row; lane l takes groups l, l + 32, … of the row: a group is 32 weights
-  (MLX's group size here), `BITS` consecutive 32-bit words of the packed row, so a 4-bit group
-  is one 16-byte load and the warp reads 512 contiguous bytes per step; UNROLL groups are loaded
-  before any is used, to keep several loads in flight;
+* a block of WARPS warps per output row (as llama.cpp's matvec: on a 4096-wide row one warp
+  alone would wait on too few loads); thread i takes groups i, i + 32·WARPS, … of the row: a
+  group is 32 weights (MLX's group size here), `BITS` consecutive 32-bit words of the packed row,
+  so a 4-bit group is one 16-byte load and a warp reads 512 contiguous bytes per step; UNROLL
+  groups are loaded before any is used, to keep several loads in flight;
 * its float16 scale and bias (one 2-byte load each, contiguous across the warp);
 * the activations' 32 values from global memory through the read-only cache (every warp of the
   block reads the same row, so it stays in L1), 16 bytes at a time;
 * w = scale · q + bias in float32, as MLX dequantizes, and the products summed in float32, then
-  across the warp with shuffles; written once in the activations' dtype.
+  across the warp with shuffles and across the block's warps in shared memory; written once in
+  the activations' dtype.
 
 Layout (MLX's affine format, `quants.Affine`): w (rows, K · BITS / 32) uint32, value i of a row at
 bits [BITS · i, BITS · (i + 1)) of its little-endian bit stream; scales, biases (rows, K / 32).
@@ -26,7 +28,8 @@ import mlx.core as mx
 
 GROUP = 32
 MATVEC_MAX_ROWS = 8  # activation rows up to which the matvec beats dequantizing for a matmul
-UNROLL = 4  # groups each lane loads before using them
+UNROLL = 4  # groups each thread loads before using them
+WARPS = 4  # per row of W: enough loads in flight even where a row is short (K = 4096: 128 groups)
 
 HEADER = r"""
 #include <cuda_fp16.h>
@@ -95,10 +98,12 @@ __device__ __forceinline__ float group_value(const uint32_t* q, int j) {
 """
 
 _MATVEC = r"""
-    // out (NT, ROWS) = x (NT, K) @ W.T; one warp per row of W
-    const int row = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= ROWS) return;
+    // out (NT, ROWS) = x (NT, K) @ W.T; a block of WARPS warps per row of W: thread i of the
+    // block takes groups i, i + 32 WARPS, … (for K = 4096: one each), sums across the warp with
+    // shuffles and across the warps in shared memory
+    constexpr int THREADS = 32 * WARPS;
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
     constexpr int G = K / 32;
     const uint32_t* wr = w + int64_t(row) * G * BITS;
     const auto* sr = scales + int64_t(row) * G;
@@ -106,12 +111,12 @@ _MATVEC = r"""
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-    for (int g0 = lane; g0 < G; g0 += 32 * UNROLL) {
+    for (int g0 = tid; g0 < G; g0 += THREADS * UNROLL) {
         uint32_t q[UNROLL][BITS];
         float s[UNROLL], b[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const int g = g0 + 32 * u;
+            const int g = g0 + THREADS * u;
             if (g < G) {
                 load_group<BITS>(wr + int64_t(g) * BITS, q[u]);
                 s[u] = static_cast<float>(sr[g]);
@@ -120,7 +125,7 @@ _MATVEC = r"""
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const int g = g0 + 32 * u;
+            const int g = g0 + THREADS * u;
             if (g >= G) break;
             float wv[32];
 #pragma unroll
@@ -136,12 +141,20 @@ _MATVEC = r"""
             }
         }
     }
+    __shared__ float partial[NT][WARPS];
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
         float v = acc[t];
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) out[int64_t(t) * ROWS + row] = static_cast<OutT>(v);
+        if (lane == 0) partial[t][wid] = v;
+    }
+    __syncthreads();
+    if (tid < NT) {
+        float v = 0.0f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i) v += partial[tid][i];
+        out[int64_t(tid) * ROWS + row] = static_cast<OutT>(v);
     }
 """
 
@@ -169,7 +182,8 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     nt = x.size // k
     return _kernel(
         inputs=[x.reshape(nt, k), w, scales, biases],
-        template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("OutT", x.dtype)],
-        grid=(rows * 32, 1, 1), threadgroup=(256, 1, 1),
+        template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
+                  ("OutT", x.dtype)],
+        grid=(rows * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
     )[0].reshape(*lead, rows)

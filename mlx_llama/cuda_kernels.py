@@ -7,9 +7,10 @@ GPU two `mx.fast.cuda_kernel`s do better:
 * `block_matvec` — x @ W.T for a few rows of x (decoding): each warp walks one weight row's
   blocks (or every SPLIT-th of them, where the rows are too few to fill the GPU) and reads only
   the blocks; sums in float32, reduced with shuffles; a split row's partial sums added after.
-  Q6_K: four blocks per warp step, 8 lanes each, a lane's 32 weights from two 16-byte loads of
-  low bits and two of high bits (the high bits are shared by 4 lanes: L1 serves the repeats),
-  its activations 16 bytes at a time (`cuda_affine.load32`). Q2_K (rare): a lane per weight.
+  Q6_K: a block of 4 warps per row, 8 threads per 256-weight block, a thread's 32 weights from
+  two 16-byte loads of low bits and two of high bits (the high bits are shared by 4 threads: L1
+  serves the repeats), its activations 16 bytes at a time (`cuda_affine.load32`), the row's sum
+  in shared memory, written in x's dtype. Q2_K (rare): a lane per weight, split rows.
 * `dequantize` — the weights in the compute dtype (prefill: then one cuBLAS matmul), one thread
   per weight, each value computed as gguf computes it (float32, round-to-nearest intrinsics so
   the compiler fuses no multiply-add): identical to `quants.dequantize_blocks`.
@@ -82,16 +83,17 @@ _MATVEC = """
     }}
 """
 _Q6_K_MATVEC = """
-    // lanes 8s..8s+7 take block b + s (s = 0..3) of the warp's step; lane k of those 8 takes the
-    // block's weights 32k..32k+31: half h = k / 4, part p = k % 4 of it, l = 0..31
-    const int warp = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
-    const int lane = threadIdx.x & 31;
-    const int row = warp / SPLIT, split = warp % SPLIT;
-    if (row >= ROWS) return;
-    const int sub = lane >> 3, k = lane & 7, h = k >> 2, p = k & 3;
+    // a block of WARPS warps per row (as the affine matvec); threads 8s..8s+7 take block
+    // b0 + s of each step (s < 4 · WARPS), thread k of those 8 the block's weights 32k..32k+31:
+    // half h = k / 4, part p = k % 4 of it, l = 0..31; sums across the warp with shuffles and
+    // across the warps in shared memory, written once in x's dtype
+    constexpr int PER_STEP = 4 * WARPS;  // blocks a row's threads take at once
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    const int sub = tid >> 3, k = tid & 7, h = k >> 2, p = k & 3;
     float acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
-    for (int b = 4 * split + sub; b < NB; b += 4 * SPLIT) {{
+    for (int b = sub; b < NB; b += PER_STEP) {{
         const int64_t blk = int64_t(row) * NB + b;
         const uint8_t* bq = qs + blk * 192;
         // low 4 bits: bytes 64h + 32(p & 1) + l, nibble p / 2; high 2 bits: bytes 128 + 32h + l, bits 2p
@@ -123,14 +125,22 @@ _Q6_K_MATVEC = """
             acc[t] += dot;
         }}
     }}
+    __shared__ float partial[NT][WARPS];
     for (int t = 0; t < NT; ++t) {{
         float v = acc[t];
         for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) out[(int64_t(split) * NT + t) * ROWS + row] = v;
+        if (lane == 0) partial[t][wid] = v;
+    }}
+    __syncthreads();
+    if (tid < NT) {{
+        float v = 0.0f;
+        for (int i = 0; i < WARPS; ++i) v += partial[tid][i];
+        out[int64_t(tid) * ROWS + row] = static_cast<OutT>(v);
     }}
 """
-# Enough warps to fill a large GPU (~16K): rows with few warps are split along their blocks.
+# Q2_K: enough warps to fill a large GPU (~16K): rows with few warps are split along their blocks.
 TARGET_WARPS = 16384
+Q6_K_WARPS = 4  # a row's threads: 16 blocks (4096 weights) at once
 
 _kernels: dict = {}
 
@@ -168,17 +178,23 @@ def dequantize(ggml_type: int, fields: dict, dtype: mx.Dtype) -> mx.array:
 
 
 def block_matvec(x: mx.array, ggml_type: int, fields: dict) -> mx.array:
-    """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows), float32 sums."""
+    """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows), float32 sums (in x's
+    dtype for Q6_K, float32 for Q2_K)."""
     rows, nb = fields["d"].shape
     lead = x.shape[:-1]
     nt = 1
     for n in lead:
         nt *= n
-    per_step = 4 if ggml_type == Q6_K else 1  # blocks a warp takes at once
-    split = max(1, min(-(-nb // per_step), -(-TARGET_WARPS // rows)))
+    inputs = [x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])]
+    if ggml_type == Q6_K:
+        return _kernel("matvec", ggml_type)(
+            inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("OutT", x.dtype)],
+            grid=(rows * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
+            output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
+        )[0].reshape(*lead, rows)
+    split = max(1, min(nb, -(-TARGET_WARPS // rows)))
     out = _kernel("matvec", ggml_type)(
-        inputs=[x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])],
-        template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("SPLIT", split)],
+        inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("SPLIT", split)],
         grid=(rows * split * 32, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(split, nt, rows)], output_dtypes=[mx.float32],
     )[0]

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         rows.append(("llama.cpp llama-bench (CUDA)", ref))
         print("llama.cpp", json.dumps(ref), flush=True)
     if args.mlx_lm:
-        for g in (32, 64):
+        for g in (32,):
             r = {"Q4_0": in_child("mlx_lm_worker", g, args.reps)}
             rows.append((f"mlx-lm 4-bit g{g} (vs Q4_0)", r))
             print(f"mlx-lm g{g}", json.dumps(r), flush=True)
