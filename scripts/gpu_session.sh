@@ -13,7 +13,18 @@ VOCAB=.gpuwork/ggml-vocab-llama-spm.gguf
 LB=/root/llama.cpp/build/bin/llama-bench
 step() { echo; echo "=== $* ($(date +%T))"; }
 
-if [ "${1:-1}" = 1 ]; then
+if [ "${1:-1}" = final ]; then  # one call on a fresh host: the end-to-end table alone
+  step setup
+  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  step "7B files, check"
+  timeout 200 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  step "wait for llama-bench"
+  for i in $(seq 100); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
+  tail -1 /root/llama.cpp/build.log
+  step "end to end"
+  timeout 330 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = 1 ]; then
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
