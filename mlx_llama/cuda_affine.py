@@ -4,15 +4,15 @@ Decoding multiplies each weight matrix by one activation row (or a few: a batch)
 is the time to read the weights. MLX's own quantized matvec reads them at ~0.6 TB/s on an H200
 (14% of the card); this kernel is written for the bandwidth:
 
-* a block of WARPS warps per output row (as llama.cpp's matvec: on a 4096-wide row one warp
-  alone would wait on too few loads); thread i takes groups i, i + 32·WARPS, … of the row: a
-  group is 32 weights (MLX's group size here), `BITS` consecutive 32-bit words of the packed row,
-  so a 4-bit group is one 16-byte load and a warp reads 512 contiguous bytes per step; UNROLL
-  groups are loaded before any is used, to keep several loads in flight;
+* a block of WARPS warps takes R rows of W (`_tile`); thread i takes groups i, i + 32·WARPS, …
+  of each row: a group is 32 weights (MLX's group size here), `BITS` consecutive 32-bit words of
+  the packed row, so a 4-bit group is one 16-byte load and a warp reads 512 contiguous bytes per
+  step; UNROLL groups of each row are loaded before any is used, to keep several loads in flight;
 * its float16 scale and bias (one 2-byte load each, contiguous across the warp);
-* the activations' 32 values from global memory through the read-only cache (every warp of the
-  block reads the same row, so it stays in L1), 16 bytes at a time;
-* w = scale · q + bias in float32, as MLX dequantizes, and the products summed in float32, then
+* the activations' 32 values from global memory through the read-only cache, 16 bytes at a time,
+  once for the block's R rows (read per row, they cost more load instructions than the weights);
+* per group Σ w·x = scale · Σ q·x + bias · Σ x in float32 (MLX's w = scale · q + bias, summed in
+  another order: rounding-level differences), then
   across the warp with shuffles and across the block's warps in shared memory; written once in
   the activations' dtype.
 
@@ -28,8 +28,15 @@ import mlx.core as mx
 
 GROUP = 32
 MATVEC_MAX_ROWS = 8  # activation rows up to which the matvec beats dequantizing for a matmul
-UNROLL = 4  # groups each thread loads before using them
-WARPS = 1  # per row of W (4 measured slower on an H200: too little work per block)
+
+def _tile() -> tuple[int, int, int]:
+    """(warps per block, rows of W per block, groups each thread loads before using them);
+    MLX_LLAMA_AFFINE_TILE="W,R,U" overrides them (for measuring: scripts/check_cuda_kernels.py)."""
+    spec = os.environ.get("MLX_LLAMA_AFFINE_TILE", "")
+    return tuple(int(v) for v in spec.split(",")) if spec else (1, 4, 2)
+
+
+WARPS, ROWS_PER_BLOCK, UNROLL = _tile()
 
 HEADER = r"""
 #include <cuda_fp16.h>
@@ -98,63 +105,73 @@ __device__ __forceinline__ float group_value(const uint32_t* q, int j) {
 """
 
 _MATVEC = r"""
-    // out (NT, ROWS) = x (NT, K) @ W.T; a block of WARPS warps per row of W: thread i of the
-    // block takes groups i, i + 32 WARPS, … (for K = 4096: one each), sums across the warp with
-    // shuffles and across the warps in shared memory
+    // out (NT, ROWS) = x (NT, K) @ W.T; a block of WARPS warps takes R rows of W: thread i of the
+    // block takes groups i, i + 32 WARPS, … of each (for K = 4096 and WARPS = 1: four), and each
+    // group of activations it reads serves the R rows; w · x = s Σ q x + b Σ x per group; sums
+    // across the warp with shuffles and across the block's warps in shared memory
     constexpr int THREADS = 32 * WARPS;
-    const int row = blockIdx.x;
+    const int row0 = blockIdx.x * R;
     const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
     constexpr int G = K / 32;
-    const uint32_t* wr = w + int64_t(row) * G * BITS;
-    const auto* sr = scales + int64_t(row) * G;
-    const auto* br = biases + int64_t(row) * G;
-    float acc[NT];
+    float acc[NT][R];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[t][r] = 0.0f;
     for (int g0 = tid; g0 < G; g0 += THREADS * UNROLL) {
-        uint32_t q[UNROLL][BITS];
-        float s[UNROLL], b[UNROLL];
+        uint32_t q[UNROLL][R][BITS];
+        float s[UNROLL][R], b[UNROLL][R];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int g = g0 + THREADS * u;
             if (g < G) {
-                load_group<BITS>(wr + int64_t(g) * BITS, q[u]);
-                s[u] = static_cast<float>(sr[g]);
-                b[u] = static_cast<float>(br[g]);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const int64_t row = min(row0 + r, ROWS - 1);
+                    load_group<BITS>(w + (row * G + g) * BITS, q[u][r]);
+                    s[u][r] = static_cast<float>(scales[row * G + g]);
+                    b[u][r] = static_cast<float>(biases[row * G + g]);
+                }
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int g = g0 + THREADS * u;
             if (g >= G) break;
-            float wv[32];
-#pragma unroll
-            for (int j = 0; j < 32; ++j) wv[j] = fmaf(s[u], group_value<BITS>(q[u], j), b[u]);
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
                 float xv[32];
                 load32(x + int64_t(t) * K + int64_t(g) * 32, xv);
-                float dot = 0.0f;
+                float xs = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 32; ++j) dot = fmaf(wv[j], xv[j], dot);
-                acc[t] += dot;
+                for (int j = 0; j < 32; ++j) xs += xv[j];
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 32; ++j) dot = fmaf(group_value<BITS>(q[u][r], j), xv[j], dot);
+                    acc[t][r] += fmaf(s[u][r], dot, b[u][r] * xs);
+                }
             }
         }
     }
-    __shared__ float partial[NT][WARPS];
+    __shared__ float partial[NT][R][WARPS];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        float v = acc[t];
+    for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) partial[t][wid] = v;
-    }
+        for (int r = 0; r < R; ++r) {
+            float v = acc[t][r];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) partial[t][r][wid] = v;
+        }
     __syncthreads();
-    if (tid < NT) {
+    for (int i = tid; i < NT * R; i += THREADS) {
+        const int t = i / R, r = i % R;
         float v = 0.0f;
 #pragma unroll
-        for (int i = 0; i < WARPS; ++i) v += partial[tid][i];
-        out[int64_t(tid) * ROWS + row] = static_cast<OutT>(v);
+        for (int k = 0; k < WARPS; ++k) v += partial[t][r][k];
+        if (row0 + r < ROWS) out[int64_t(t) * ROWS + row0 + r] = static_cast<OutT>(v);
     }
 """
 
@@ -180,10 +197,11 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     rows, k = w.shape[0], x.shape[-1]
     lead = x.shape[:-1]
     nt = x.size // k
+    r = max(1, ROWS_PER_BLOCK // nt)  # a batch's rows share the registers (no spills past ~4 × 4)
     return _kernel(
         inputs=[x.reshape(nt, k), w, scales, biases],
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
-                  ("OutT", x.dtype)],
-        grid=(rows * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
+                  ("R", r), ("OutT", x.dtype)],
+        grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
     )[0].reshape(*lead, rows)

@@ -7,7 +7,7 @@ GPU two `mx.fast.cuda_kernel`s do better:
 * `block_matvec` — x @ W.T for a few rows of x (decoding): each warp walks one weight row's
   blocks (or every SPLIT-th of them, where the rows are too few to fill the GPU) and reads only
   the blocks; sums in float32, reduced with shuffles; a split row's partial sums added after.
-  Q6_K: a block of 4 warps per row, 8 threads per 256-weight block, a thread's 32 weights from
+  Q6_K: a block of 4 warps per 2 rows (one read of the activations serves both), 8 threads per 256-weight block, a thread's 32 weights from
   two 16-byte loads of low bits and two of high bits (the high bits are shared by 4 threads: L1
   serves the repeats), its activations 16 bytes at a time (`cuda_affine.load32`), the row's sum
   in shared memory, written in x's dtype. Q2_K (rare): a lane per weight, split rows.
@@ -21,6 +21,8 @@ scales (rows, nb, 16) uint8, qs (rows, nb, 64), d and dmin (rows, nb) float16.
 """
 
 from __future__ import annotations
+
+import os
 
 import mlx.core as mx
 
@@ -83,64 +85,85 @@ _MATVEC = """
     }}
 """
 _Q6_K_MATVEC = """
-    // a block of WARPS warps per row (as the affine matvec); threads 8s..8s+7 take block
-    // b0 + s of each step (s < 4 · WARPS), thread k of those 8 the block's weights 32k..32k+31:
-    // half h = k / 4, part p = k % 4 of it, l = 0..31; sums across the warp with shuffles and
-    // across the warps in shared memory, written once in x's dtype
+    // a block of WARPS warps takes R rows (as the affine matvec); threads 8s..8s+7 take block
+    // b0 + s of each step (s < 4 · WARPS) of each row, thread k of those 8 the block's weights
+    // 32k..32k+31: half h = k / 4, part p = k % 4 of it, l = 0..31; one read of the activations
+    // serves the R rows; sums across the warp with shuffles and across the warps in shared
+    // memory, written once in x's dtype
     constexpr int PER_STEP = 4 * WARPS;  // blocks a row's threads take at once
-    const int row = blockIdx.x;
+    constexpr int THREADS = 32 * WARPS;
+    const int row0 = blockIdx.x * R;
     const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
     const int sub = tid >> 3, k = tid & 7, h = k >> 2, p = k & 3;
-    float acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+    const int nib = 4 * (p >> 1), sh = 2 * p;
+    float acc[NT][R];
+    for (int t = 0; t < NT; ++t)
+        for (int r = 0; r < R; ++r) acc[t][r] = 0.0f;
     for (int b = sub; b < NB; b += PER_STEP) {{
-        const int64_t blk = int64_t(row) * NB + b;
-        const uint8_t* bq = qs + blk * 192;
         // low 4 bits: bytes 64h + 32(p & 1) + l, nibble p / 2; high 2 bits: bytes 128 + 32h + l, bits 2p
-        const uint4 lo0 = __ldg(reinterpret_cast<const uint4*>(bq + 64 * h + 32 * (p & 1)));
-        const uint4 lo1 = __ldg(reinterpret_cast<const uint4*>(bq + 64 * h + 32 * (p & 1) + 16));
-        const uint4 hi0 = __ldg(reinterpret_cast<const uint4*>(bq + 128 + 32 * h));
-        const uint4 hi1 = __ldg(reinterpret_cast<const uint4*>(bq + 128 + 32 * h + 16));
-        const uint32_t lo[8] = {{lo0.x, lo0.y, lo0.z, lo0.w, lo1.x, lo1.y, lo1.z, lo1.w}};
-        const uint32_t hi[8] = {{hi0.x, hi0.y, hi0.z, hi0.w, hi1.x, hi1.y, hi1.z, hi1.w}};
-        const float dd = static_cast<float>(d[blk]);
-        // weights 16j.. of the block have scale 16-group 8h + 2p + j (j = 0, 1), as gguf: d · sc
-        const float dl0 = __fmul_rn(dd, static_cast<float>(scales[blk * 16 + 8 * h + 2 * p]));
-        const float dl1 = __fmul_rn(dd, static_cast<float>(scales[blk * 16 + 8 * h + 2 * p + 1]));
-        const int nib = 4 * (p >> 1), sh = 2 * p;
-        float wv[32];
+        uint32_t lo[R][8], hi[R][8];
+        float dl0[R], dl1[R];
 #pragma unroll
-        for (int l = 0; l < 32; ++l) {{
-            const uint32_t low = (lo[l >> 2] >> (8 * (l & 3) + nib)) & 15u;
-            const uint32_t high = (hi[l >> 2] >> (8 * (l & 3) + sh)) & 3u;
-            const float q = __uint_as_float(0x4B000000u | (low | (high << 4))) - 8388640.0f;  // q − 32
-            wv[l] = __fmul_rn(l < 16 ? dl0 : dl1, q);
+        for (int r = 0; r < R; ++r) {{
+            const int64_t blk = int64_t(min(row0 + r, ROWS - 1)) * NB + b;
+            const uint8_t* bq = qs + blk * 192;
+            const uint4 l0 = __ldg(reinterpret_cast<const uint4*>(bq + 64 * h + 32 * (p & 1)));
+            const uint4 l1 = __ldg(reinterpret_cast<const uint4*>(bq + 64 * h + 32 * (p & 1) + 16));
+            const uint4 h0 = __ldg(reinterpret_cast<const uint4*>(bq + 128 + 32 * h));
+            const uint4 h1 = __ldg(reinterpret_cast<const uint4*>(bq + 128 + 32 * h + 16));
+            lo[r][0] = l0.x; lo[r][1] = l0.y; lo[r][2] = l0.z; lo[r][3] = l0.w;
+            lo[r][4] = l1.x; lo[r][5] = l1.y; lo[r][6] = l1.z; lo[r][7] = l1.w;
+            hi[r][0] = h0.x; hi[r][1] = h0.y; hi[r][2] = h0.z; hi[r][3] = h0.w;
+            hi[r][4] = h1.x; hi[r][5] = h1.y; hi[r][6] = h1.z; hi[r][7] = h1.w;
+            // weights 16j.. of the block have scale 16-group 8h + 2p + j (j = 0, 1), as gguf: d · sc
+            const float dd = static_cast<float>(d[blk]);
+            dl0[r] = __fmul_rn(dd, static_cast<float>(scales[blk * 16 + 8 * h + 2 * p]));
+            dl1[r] = __fmul_rn(dd, static_cast<float>(scales[blk * 16 + 8 * h + 2 * p + 1]));
         }}
         for (int t = 0; t < NT; ++t) {{
             float xv[32];
             load32(x + int64_t(t) * NB * 256 + int64_t(b) * 256 + 128 * h + 32 * p, xv);
-            float dot = 0.0f;
 #pragma unroll
-            for (int l = 0; l < 32; ++l) dot = fmaf(wv[l], xv[l], dot);
-            acc[t] += dot;
+            for (int r = 0; r < R; ++r) {{
+                float dot = 0.0f;
+#pragma unroll
+                for (int l = 0; l < 32; ++l) {{
+                    const uint32_t low = (lo[r][l >> 2] >> (8 * (l & 3) + nib)) & 15u;
+                    const uint32_t high = (hi[r][l >> 2] >> (8 * (l & 3) + sh)) & 3u;
+                    const float q = __uint_as_float(0x4B000000u | (low | (high << 4))) - 8388640.0f;  // q − 32
+                    dot = fmaf(__fmul_rn(l < 16 ? dl0[r] : dl1[r], q), xv[l], dot);
+                }}
+                acc[t][r] += dot;
+            }}
         }}
     }}
-    __shared__ float partial[NT][WARPS];
-    for (int t = 0; t < NT; ++t) {{
-        float v = acc[t];
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) partial[t][wid] = v;
-    }}
+    __shared__ float partial[NT][R][WARPS];
+    for (int t = 0; t < NT; ++t)
+        for (int r = 0; r < R; ++r) {{
+            float v = acc[t][r];
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) partial[t][r][wid] = v;
+        }}
     __syncthreads();
-    if (tid < NT) {{
+    for (int i = tid; i < NT * R; i += THREADS) {{
+        const int t = i / R, r = i % R;
         float v = 0.0f;
-        for (int i = 0; i < WARPS; ++i) v += partial[tid][i];
-        out[int64_t(tid) * ROWS + row] = static_cast<OutT>(v);
+        for (int w = 0; w < WARPS; ++w) v += partial[t][r][w];
+        if (row0 + r < ROWS) out[int64_t(t) * ROWS + row0 + r] = static_cast<OutT>(v);
     }}
 """
 # Q2_K: enough warps to fill a large GPU (~16K): rows with few warps are split along their blocks.
 TARGET_WARPS = 16384
-Q6_K_WARPS = 4  # a row's threads: 16 blocks (4096 weights) at once
+
+
+def _q6_k_tile() -> tuple[int, int]:
+    """(warps per block, rows per block) of the Q6_K matvec; MLX_LLAMA_Q6_K_TILE="W,R" overrides
+    them (for measuring: scripts/check_cuda_kernels.py)."""
+    spec = os.environ.get("MLX_LLAMA_Q6_K_TILE", "")
+    return tuple(int(v) for v in spec.split(",")) if spec else (4, 2)
+
+
+Q6_K_WARPS, Q6_K_ROWS = _q6_k_tile()
 
 _kernels: dict = {}
 
@@ -187,9 +210,11 @@ def block_matvec(x: mx.array, ggml_type: int, fields: dict) -> mx.array:
         nt *= n
     inputs = [x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])]
     if ggml_type == Q6_K:
+        r = max(1, Q6_K_ROWS // nt)  # a batch's rows share the registers
         return _kernel("matvec", ggml_type)(
-            inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("OutT", x.dtype)],
-            grid=(rows * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
+            inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r),
+                                     ("OutT", x.dtype)],
+            grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
             output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
         )[0].reshape(*lead, rows)
     split = max(1, min(nb, -(-TARGET_WARPS // rows)))

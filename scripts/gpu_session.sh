@@ -31,23 +31,25 @@ elif [ "${1:-1}" = 1 ]; then
   python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
   mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete  # offline
   step "CUDA kernel tests"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tail -25
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tail -25
   step "kernel speed"
-  timeout 300 python3 scripts/check_cuda_kernels.py 2>&1 | tee "$OUT/kernels.txt"
+  timeout 200 python3 scripts/check_cuda_kernels.py /root/stash/tiles.env 2>&1 | tee "$OUT/kernels.txt"
+  [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # the fastest tiling from here on
   step "7B files"
-  timeout 400 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  timeout 250 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
   step "where a decoded token's time goes (Q4_0, Q4_K_M)"
   for r in Q4_0 Q4_K_M; do
-    timeout 200 python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-$r-32l.gguf" 2>&1 | tail -7 | tee "$OUT/profile_$r.txt"
+    timeout 60 python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-$r-32l.gguf" 2>&1 | tail -7 | tee "$OUT/profile_$r.txt"
   done
   step "kernels per token under Nsight Compute (Q4_0, 2 decode steps)"
-  timeout 150 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
+  timeout 100 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
       python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --ncu --ncu-steps 2 > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
   python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
   step "llama-bench build"
   tail -2 /root/llama.cpp/build.log
 else
   source /root/stash/env.sh
+  [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # phase 1's fastest tiling
   step "wait for llama-bench"
   for i in $(seq 60); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
   tail -1 /root/llama.cpp/build.log
