@@ -11,6 +11,7 @@ import warnings
 
 import click
 
+from .bench import bench
 from .chat import chat
 from .common import fail, show_warning
 from .generate import generate
@@ -42,5 +43,5 @@ def main():
     warnings.showwarning = show_warning
 
 
-for command in (generate, chat, perplexity, info, serve):
+for command in (generate, chat, perplexity, info, bench, serve):
     main.add_command(command)

@@ -67,7 +67,9 @@ def load_model(model_path, cpu_dequantize, verbose):
     t0 = time.perf_counter()
     model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
     if verbose:
-        mode = "float32 (CPU dequantized)" if model.cpu_dequantized else "quantized"
+        from ..quants import subblock16_form
+
+        mode = "float32 (CPU dequantized)" if model.cpu_dequantized else f"quantized (Q2_K/Q6_K: {subblock16_form()})"
         click.echo(f"model: {path}", err=True)
         click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status}", err=True)
         click.echo(f"loaded in {time.perf_counter() - t0:.2f}s", err=True)
