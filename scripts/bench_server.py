@@ -1,6 +1,6 @@
 """The server's acceptance figures, measured as a client sees them (issue 15).
 
-    python scripts/bench_server.py [-m MODEL] [--tokens 96]
+    python scripts/bench_server.py [-m MODEL] [--tokens 96] [--clients 4 8] [--no-cache-check]
 
 1. 1 streaming greedy client, then 4 at once (`--parallel 4`): each of the 4 answers equal to the
    same prompt's answer alone, and the aggregate generation tokens/s against one client's.
@@ -149,6 +149,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default=None, help="GGUF file (default: the default model)")
     ap.add_argument("--tokens", type=int, default=96, help="tokens each answer generates")
+    ap.add_argument("--clients", type=int, nargs="+", default=[4, 8], help="concurrent clients (and slots) to measure")
+    ap.add_argument("--cache-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the second turn's cache and a disconnect (3., 4.)")
     args = ap.parse_args()
     import mlx_llama
     from mlx_llama.chat_template import stop_token_ids
@@ -161,9 +164,12 @@ def main() -> None:
     stops = tokenizer.stop_ids | stop_token_ids(file_template(tokenizer), tokenizer)
     banned = {str(t): -100 for t in stops}  # every answer runs to --tokens
     cli_tps(model, args.tokens, banned)
-    batching(model, 4, args.tokens, banned)
-    batching(model, 8, args.tokens, banned)
-    caching_and_disconnect(model)
+    for n in args.clients:
+        if n > len(PROMPTS):
+            ap.error(f"--clients: at most {len(PROMPTS)}")
+        batching(model, n, args.tokens, banned)
+    if args.cache_check:
+        caching_and_disconnect(model)
 
 
 if __name__ == "__main__":
