@@ -160,12 +160,12 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 def test_concurrent_clients_equal_single(server, client, model_id):
     """4 streaming clients at once: each gets its single-client answer, in shared decode steps."""
-    alone = [stream_chat(client, model_id, user(q), temperature=0, max_tokens=12)[0] for q in QUESTIONS]
+    alone = [stream_chat(client, model_id, user(q), temperature=0, max_tokens=8)[0] for q in QUESTIONS]
     results: dict[int, str] = {}
     steps = server.health()["steps"]
 
     def run(i):
-        results[i] = stream_chat(client, model_id, user(QUESTIONS[i]), temperature=0, max_tokens=12)
+        results[i] = stream_chat(client, model_id, user(QUESTIONS[i]), temperature=0, max_tokens=8)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
