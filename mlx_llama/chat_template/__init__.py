@@ -48,13 +48,15 @@ The errors are `mlx_llama.errors`' (one family), exported here too.
 
 from ..errors import ChatTemplateError, ChatTemplateSecurityError, TemplateRaisedError
 from .builtin import BUILTIN_TEMPLATES
-from .template import ChatTemplate, encode_chat, looks_templated, special_tokens, stop_token_ids, template_for
+from .template import (ChatTemplate, check_file_template, encode_chat, looks_templated, special_tokens, stop_token_ids,
+                       template_for)
 
 __all__ = [
     "BUILTIN_TEMPLATES",
     "ChatTemplate",
     "ChatTemplateError",
     "ChatTemplateSecurityError",
+    "check_file_template",
     "TemplateRaisedError",
     "encode_chat",
     "looks_templated",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import ChatTemplateError, ChatTemplateSecurityError, TemplateRaisedError
+from ..errors import ChatTemplateError, ChatTemplateSecurityError, GGUFError, TemplateRaisedError
 from .builtin import BUILTIN_TEMPLATES, norm_name
 from .probe import analyze
 from .sandbox import compile_template, plain, plain_messages
@@ -110,7 +110,7 @@ def special_tokens(metadata: Mapping) -> dict[str, str]:
     """bos_token/eos_token/unk_token/pad_token texts from `tokenizer.ggml.*_token_id` and the vocabulary.
 
     Missing ids fall back to llama.cpp's defaults for SentencePiece vocabularies (BOS 1, EOS 2,
-    UNK 0); out-of-range ids are ignored, as llama.cpp does.
+    UNK 0); ids that are not token ids are left out (`Tokenizer` refuses such files).
     """
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     defaults = {"bos": 1, "eos": 2, "unknown": 0} if metadata.get("tokenizer.ggml.model") == "llama" else {}
@@ -118,8 +118,8 @@ def special_tokens(metadata: Mapping) -> dict[str, str]:
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
                       ("padding", "pad_token")):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id", defaults.get(key))
-        if i is not None and 0 <= int(i) < len(tokens):
-            out[name] = str(tokens[int(i)])
+        if type(i) is int and 0 <= i < len(tokens):  # others: the tokenizer refuses the file
+            out[name] = str(tokens[i])
     return out
 
 
@@ -155,6 +155,20 @@ def template_for(metadata: Mapping, name: str | None = None) -> ChatTemplate:
         return ChatTemplate(named[name], tokens, name=f"gguf:{name}")
     choices = sorted(BUILTIN_TEMPLATES) + sorted(named)
     raise ChatTemplateError(f"unknown chat template {name!r} (choices: {', '.join(choices)})")
+
+
+def check_file_template(path, metadata: Mapping) -> None:
+    """Render a file's own template once (one user message, the assistant's turn opened), so
+    that a template which cannot be compiled or rendered, or runs past the render limits, is
+    reported as a `GGUFError` naming the key when the file is opened, before its weights are read."""
+    source = metadata.get("tokenizer.chat_template")
+    if not isinstance(source, str) or not source.strip():  # none (a non-string: `Tokenizer` refuses it)
+        return
+    try:
+        ChatTemplate(source, special_tokens(metadata), name="tokenizer.chat_template").render(
+            [{"role": "user", "content": "Hello"}])
+    except ChatTemplateError as e:
+        raise GGUFError(path, str(e)) from None
 
 
 # -- helpers for callers ------------------------------------------------------------------------
