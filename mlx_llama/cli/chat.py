@@ -49,7 +49,7 @@ def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, ve
 
     params = sampling_params(sampling)
     try:
-        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose, check_template=template_name is None)
         session = ChatSession(model, tokenizer, chat_template(tokenizer, template_name), system=system, params=params, stop_strings=stop)
     except MlxLlamaError as e:
         fail(str(e))

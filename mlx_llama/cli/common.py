@@ -57,15 +57,16 @@ def model_options(f):
     )(f)
 
 
-def load_model(model_path, cpu_dequantize, verbose):
-    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr."""
+def load_model(model_path, cpu_dequantize, verbose, check_template: bool = True):
+    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr.
+    check_template: the file's own chat template will be used, so render it once first."""
     mx = import_mlx()
     from ..download import default_model
     from ..loader import load
 
     path = model_path or default_model()
     t0 = time.perf_counter()
-    model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
+    model, tokenizer = load(path, cpu_dequantize=cpu_dequantize, check_template=check_template)
     if verbose:
         mode = "float32 (CPU dequantized)" if model.cpu_dequantized else "quantized"
         click.echo(f"model: {path}", err=True)

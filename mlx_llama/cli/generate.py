@@ -41,7 +41,8 @@ def generate(prompt_arg, prompt, prompt_file, max_tokens, use_template, template
 
     params = sampling_params(sampling)
     try:
-        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose,
+                                      check_template=use_template is not False and template_name is None)
         if explicit:  # an error when the file has no template and none is named
             template = chat_template(tokenizer, template_name)
         else:
