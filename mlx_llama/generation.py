@@ -67,6 +67,9 @@ def generate_tokens(
 
     past: tokens the cache already holds before `prompt`, seen by the penalties (as llama.cpp's
     penalties see the whole session)."""
+    if params.repeat_last_n > model.config.context_length:  # the penalty window is allocated at this size
+        raise MlxLlamaError(f"repeat_last_n {params.repeat_last_n} is more than the model's context of "
+                            f"{model.config.context_length} tokens")
     sample = make_sampler(params)
     cache = cache if cache is not None else model.make_cache()
     n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
