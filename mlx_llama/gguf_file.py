@@ -320,7 +320,9 @@ class GGUFFile:
         value = self.metadata[key]
         ok = {
             int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-            float: lambda v: isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool),
+            # a float key holds FLOAT32/FLOAT64, as llama.cpp insists: an integer there is damage
+            # (a float's bits read as UINT32 would otherwise be a finite, wrong value)
+            float: lambda v: isinstance(v, (float, np.floating)),
             str: lambda v: isinstance(v, str),
             bool: lambda v: isinstance(v, (bool, np.bool_)),
             list: lambda v: isinstance(v, (list, np.ndarray)),
