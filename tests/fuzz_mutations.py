@@ -223,6 +223,55 @@ def _set(items: list, i: int, value) -> list:
     return items
 
 
+# Values no model of the base file's tensors can have (a hyper-parameter of a different valid
+# model, such as another RoPE base, would be no damage to detect): by key, (type, value) pairs.
+NAN, INF = math.nan, math.inf
+BAD_VALUES = {
+    "block_count": [(U32, v) for v in (0, 1, 3, 2**16, 10**9, 2**32 - 1)] + [(I32, -1), (I32, -2)],
+    "embedding_length": [(U32, v) for v in (0, 32, 63, 65, 128, 2**32 - 1)],
+    "feed_forward_length": [(U32, v) for v in (0, 64, 127, 256, 2**31)],
+    "attention.head_count": [(U32, v) for v in (0, 3, 8, 16, 2**32 - 1)] + [(I32, -4)],
+    "attention.head_count_kv": [(U32, v) for v in (0, 3, 4, 8)] + [(I32, -2)],
+    "rope.dimension_count": [(U32, v) for v in (0, 3, 15, 17, 18, 1000, 2**32 - 16)] + [(I32, -16)],
+    "rope.freq_base": [(F32, v) for v in (0.0, -10000.0, NAN, INF, -INF)],
+    "attention.layer_norm_rms_epsilon": [(F32, v) for v in (0.0, -1e-5, NAN, INF, -INF)],
+    "vocab_size": [(U32, v) for v in (0, 528, 530, 2**32 - 1)],
+    "context_length": [(U32, v) for v in (0, 2**32 - 1)] + [(I32, -1)],
+    # keys the base file lacks
+    "attention.key_length": [(U32, v) for v in (0, 8, 15, 17, 32, 2**32 - 1)],
+    "attention.value_length": [(U32, v) for v in (0, 8, 32)],
+    "rope.scaling.factor": [(F32, v) for v in (-1.0, NAN, INF, -INF)],
+    "rope.scaling.attn_factor": [(F32, v) for v in (0.0, -1.0, NAN, INF)],
+}
+# tensors the base file's model has no place for: a layer past block_count, a bias in one layer
+# only, names no llama model has
+PHANTOMS = ("blk.2.attn_norm.weight", "blk.0.attn_q.bias", "blk.1.ffn_down.bias", "token_embd_norm.weight",
+            "blk.0.phantom.weight", "output_norm.bias")
+
+
+@kind("hyper-parameters and tensors")
+def hyper(rng, L: Layout):
+    """The issue's wrong answers and tracebacks: a layer count, head count, RoPE or epsilon value
+    no model of these tensors can have, or a tensor the model does not use."""
+    arch = kv(L, "general.architecture").value
+    if rng.random() < 0.15:
+        name = rng.choice(PHANTOMS)
+        kvs, infos = entries(L)
+        end = len(L.data) - L.data_start  # the data section's length: the base file ends aligned
+        infos.append(struct.pack("<Q", len(name)) + name.encode() + struct.pack("<IQIQ", 1, 64, T_F32, end))
+        return f"phantom tensor {name}", assemble(L, kvs, infos) + np.ones(64, np.float32).tobytes()
+    key = rng.choice(list(BAD_VALUES))
+    vtype, value = rng.choice(BAD_VALUES[key])
+    kvs, infos = entries(L)
+    entry = encode(f"{arch}.{key}", vtype, value)
+    present = [i for i, k in enumerate(L.kvs) if k.key == f"{arch}.{key}"]
+    if present:
+        kvs[present[0]] = entry
+    else:
+        kvs.insert(rng.randrange(len(kvs) + 1), entry)
+    return f"{arch}.{key} = {value} (type {vtype})", assemble(L, kvs, infos)
+
+
 @kind("NaN data")
 def nan_data(rng, L: Layout):
     t = rng.choice(L.tensors)

@@ -1,5 +1,5 @@
 """Seeded mutation fuzzing of a tiny GGUF (`scripts/make_fixture.py`, ~100 KB with its own small
-vocabulary and chat template): every mutant (`fuzz_mutations`: 660 over 11 kinds, the first 330
+vocabulary and chat template): every mutant (`fuzz_mutations`: 720 over 12 kinds, the first 360
 of them in the default run, all with `-m slow`, and SmolLM2's) run through
 `mlx_llama generate` as a user runs it must give the base file's output or exactly one GGUFError
 line naming the file — no traceback, no second line, no hang past the time cap, no memory past
@@ -141,15 +141,15 @@ def fuzz(base_file: Path, tmp_path: Path, capsys, per_kind: int, args: list[str]
     report(capsys, f"fuzz {base_file.name}: {len(cases)} mutants, seed {SEED}, {time.perf_counter() - start:.0f}s; "
                    f"slowest case {slowest['seconds']:.2f}s, peak RSS above the worker's rest "
                    f"{max(r['rss_mb'] for r in results):.0f} MB")
-    report(capsys, f"{'kind':24} cases  clean error  same output  other")
+    report(capsys, f"{"kind":28} cases  clean error  same output  other")
     for kind, c in table.items():
         other = sum(c.values()) - c["clean error"] - c["same output"]
-        report(capsys, f"{kind:24} {sum(c.values()):5}  {c['clean error']:11}  {c['same output']:11}  {other:5}")
+        report(capsys, f"{kind:28} {sum(c.values()):5}  {c['clean error']:11}  {c['same output']:11}  {other:5}")
     assert not bad, "\n".join(bad[:20])
 
 
 def test_a_sample_of_mutants_gives_the_base_output_or_one_error_line(base_file, tmp_path, capsys):
-    """The default run: the corpus's first 30 mutants of each kind (330, a few seconds)."""
+    """The default run: the corpus's first 30 mutants of each kind (360, a few seconds)."""
     assert SAMPLE_PER_KIND * len(KINDS) >= 300
     fuzz(base_file, tmp_path, capsys, SAMPLE_PER_KIND)
 
