@@ -2,7 +2,7 @@
 (description, mutant bytes). See `gguf_layout` for the layout and the rule every kind follows:
 a mutant is damage — or changes nothing the model computes — never a different valid model.
 
-    mutants(data, per_kind=30, seed=0) → [(kind, description, bytes)], the same for a seed
+    mutants(data, per_kind=30, seed=0) → (kind, description, bytes) …, the same for a seed
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -29,13 +30,13 @@ def kind(name):
     return register
 
 
-def mutants(data: bytes, per_kind: int = 30, seed: int = 0) -> list[tuple[str, str, bytes]]:
+def mutants(data: bytes, per_kind: int = 30, seed: int = 0) -> Iterator[tuple[str, str, bytes]]:
+    """One at a time: a real model's mutants are as large as the model."""
     L = parse(data)
-    out = []
     for name, make in KINDS.items():
         rng = random.Random(f"{seed}:{name}")
-        out += [(name, *make(rng, L)) for _ in range(per_kind)]
-    return out
+        for _ in range(per_kind):
+            yield (name, *make(rng, L))
 
 
 def _u64(v: int) -> bytes:

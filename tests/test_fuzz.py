@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import select
 import struct
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -64,12 +64,12 @@ class Worker:
         self.p.wait()
 
 
-def run_all(base: Path, paths: list[Path], args: list[str] = ARGS) -> tuple[dict, list[dict]]:
-    """The base file's result, and each mutant's, from WORKERS workers (each sees the base first)."""
-    jobs: queue.Queue = queue.Queue()
-    for i, path in enumerate(paths):
-        jobs.put((i, str(path)))
-    results: list = [None] * len(paths)
+def run_all(base: Path, cases: Iterable[tuple[Path, bytes | None]], args: list[str] = ARGS) -> tuple[dict, list[dict]]:
+    """The base file's result, and each case's, from WORKERS workers (each sees the base first).
+    A case is a path and the bytes to write there first (then it is deleted: SmolLM2's mutants
+    are 100 MB each) or None for a file that is there; they are made one at a time, in order."""
+    cases, lock = iter(enumerate(cases)), threading.Lock()
+    results: dict[int, dict] = {}
     bases: list = []
 
     def slot():
@@ -79,11 +79,15 @@ def run_all(base: Path, paths: list[Path], args: list[str] = ARGS) -> tuple[dict
         # (a real model on a busy machine)
         seconds = max(CASE_SECONDS, 4 * bases[-1]["seconds"])
         while True:
-            try:
-                i, path = jobs.get_nowait()
-            except queue.Empty:
+            with lock:
+                i, (path, data) = next(cases, (None, (None, None)))
+                if path is not None and data is not None:
+                    path.write_bytes(data)
+            if path is None:
                 break
-            results[i] = worker.run(path, seconds)
+            results[i] = worker.run(str(path), seconds)
+            if data is not None:
+                path.unlink()
             if results[i]["rc"] == "hang" or str(results[i]["rc"]).startswith("worker died"):
                 worker.close()
                 worker = Worker(args)
@@ -96,7 +100,7 @@ def run_all(base: Path, paths: list[Path], args: list[str] = ARGS) -> tuple[dict
     for t in threads:
         t.join()
     assert all(b == bases[0] or (b["stdout"], b["rc"]) == (bases[0]["stdout"], bases[0]["rc"]) for b in bases)
-    return bases[0], results
+    return bases[0], [results[i] for i in range(len(results))]
 
 
 def outcome(result: dict, base: dict, path: str) -> str:
@@ -121,27 +125,29 @@ def base_file(tmp_path_factory) -> Path:
 def fuzz(base_file: Path, tmp_path: Path, capsys, per_kind: int, args: list[str] = ARGS) -> None:
     """Run `per_kind` mutants of each kind of `base_file`; report the table; fail on any other outcome."""
     start = time.perf_counter()
-    cases = mutants(base_file.read_bytes(), per_kind, SEED)
-    assert {k for k, _, _ in cases} == set(KINDS)
-    paths = []
-    for i, (_, _, data) in enumerate(cases):
-        paths.append(tmp_path / f"m{i:04d}.gguf")
-        paths[-1].write_bytes(data)
-    base, results = run_all(base_file, paths, args)
+    labels: list[tuple[str, str, Path]] = []
+
+    def cases():
+        for i, (kind, what, data) in enumerate(mutants(base_file.read_bytes(), per_kind, SEED)):
+            labels.append((kind, what, tmp_path / f"m{i:04d}.gguf"))
+            yield labels[-1][2], data
+
+    base, results = run_all(base_file, cases(), args)
+    assert {k for k, _, _ in labels} == set(KINDS)
     assert base["rc"] == 0 and base["stdout"].strip(), base  # the base file runs
     table: dict[str, Counter] = {}
     bad = []
-    for (kind, what, _), path, r in zip(cases, paths, results):
+    for (kind, what, path), r in zip(labels, results, strict=True):
         o = outcome(r, base, str(path))
         table.setdefault(kind, Counter())[o] += 1
         if o not in ("same output", "clean error") or r["rss_mb"] > MEMORY_CAP_MB:
             bad.append(f"{kind}: {what}: {o}, {r['seconds']:.2f}s, +{r['rss_mb']:.0f} MB: rc {r['rc']} "
                        f"stdout {r['stdout'][:80]!r} stderr {r['stderr'][-400:]!r}")
     slowest = max(results, key=lambda r: r["seconds"])
-    report(capsys, f"fuzz {base_file.name}: {len(cases)} mutants, seed {SEED}, {time.perf_counter() - start:.0f}s; "
+    report(capsys, f"fuzz {base_file.name}: {len(labels)} mutants, seed {SEED}, {time.perf_counter() - start:.0f}s; "
                    f"slowest case {slowest['seconds']:.2f}s, peak RSS above the worker's rest "
                    f"{max(r['rss_mb'] for r in results):.0f} MB")
-    report(capsys, f"{"kind":28} cases  clean error  same output  other")
+    report(capsys, f"{'kind':28} cases  clean error  same output  other")
     for kind, c in table.items():
         other = sum(c.values()) - c["clean error"] - c["same output"]
         report(capsys, f"{kind:28} {sum(c.values()):5}  {c['clean error']:11}  {c['same output']:11}  {other:5}")
@@ -175,7 +181,7 @@ def test_the_memory_cap_stops_a_blow_up(tmp_path):
     big.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + blob[:-8] + struct.pack("<Q", n) + bytes(n))
     empty = tmp_path / "empty.gguf"  # the workers' first case: a file with nothing in it
     empty.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
-    _, results = run_all(empty, [big])
+    _, results = run_all(empty, [(big, None)])
     assert results[0]["rc"] == "traceback" and "MemoryError" in results[0]["stderr"], results[0]
 
 
@@ -203,7 +209,7 @@ def test_the_issues_hang_cases_finish_in_two_seconds(base_file, tmp_path, capsys
     for i, data in enumerate(cases.values()):
         paths.append(tmp_path / f"hang{i}.gguf")
         paths[-1].write_bytes(data)
-    base, results = run_all(base_file, paths)
+    base, results = run_all(base_file, [(p, None) for p in paths])
     for (name, _), path, r in zip(cases.items(), paths, results):
         expected = "same output" if "(valid)" in name else "clean error"
         assert outcome(r, base, str(path)) == expected, (name, r)
