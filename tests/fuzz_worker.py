@@ -1,9 +1,9 @@
-"""A fuzz worker: `python tests/fuzz_worker.py ARGS_JSON` runs `mlx_llama ARGS -m PATH` in this
+"""A fuzz worker: `python tests/fuzz_worker.py ARGS_JSON CAP_MB` runs `mlx_llama ARGS -m PATH` in this
 process for each PATH read from stdin and answers one JSON line per case: the exit status, stdout,
 stderr, the seconds it took and its peak RSS above the worker's resting size.
 
 It runs the command line as a user would (click's parsing, the error handler, the printing),
-without paying an interpreter start per case. Memory is capped (RLIMIT_DATA, set by the test
+without paying an interpreter start per case. Memory is capped at CAP_MB above that (RLIMIT_DATA, set
 after the first case): a blow-up fails the case with MemoryError instead of taking the machine.
 The test kills a worker whose case runs past its time cap and starts another.
 """
