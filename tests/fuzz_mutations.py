@@ -224,29 +224,43 @@ def _set(items: list, i: int, value) -> list:
     return items
 
 
-# Values no model of the base file's tensors can have (a hyper-parameter of a different valid
-# model, such as another RoPE base, would be no damage to detect): by key, (type, value) pairs.
 NAN, INF = math.nan, math.inf
-BAD_VALUES = {
-    "block_count": [(U32, v) for v in (0, 1, 3, 2**16, 10**9, 2**32 - 1)] + [(I32, -1), (I32, -2)],
-    "embedding_length": [(U32, v) for v in (0, 32, 63, 65, 128, 2**32 - 1)],
-    "feed_forward_length": [(U32, v) for v in (0, 64, 127, 256, 2**31)],
-    "attention.head_count": [(U32, v) for v in (0, 3, 8, 16, 2**32 - 1)] + [(I32, -4)],
-    "attention.head_count_kv": [(U32, v) for v in (0, 3, 4, 8)] + [(I32, -2)],
-    "rope.dimension_count": [(U32, v) for v in (0, 3, 15, 17, 18, 1000, 2**32 - 16)] + [(I32, -16)],
-    "rope.freq_base": [(F32, v) for v in (0.0, -10000.0, NAN, INF, -INF)],
-    "attention.layer_norm_rms_epsilon": [(F32, v) for v in (0.0, -1e-5, NAN, INF, -INF)],
-    "vocab_size": [(U32, v) for v in (0, 528, 530, 2**32 - 1)],
-    "context_length": [(U32, v) for v in (0, 2**32 - 1)] + [(I32, -1)],
-    # keys the base file lacks
-    "attention.key_length": [(U32, v) for v in (0, 8, 15, 17, 32, 2**32 - 1)],
-    "attention.value_length": [(U32, v) for v in (0, 8, 32)],
-    "rope.scaling.factor": [(F32, v) for v in (-1.0, NAN, INF, -INF)],
-    "rope.scaling.attn_factor": [(F32, v) for v in (0.0, -1.0, NAN, INF)],
-}
+
+
+def bad_values(L: Layout) -> dict[str, list[tuple[int, object]]]:
+    """Values no model of the base file's tensors can have, from its own (a hyper-parameter of a
+    different valid model, such as another RoPE base, would be no damage to detect): key →
+    (type, value) pairs. The file is llama-like with `rope.dimension_count` = the head size."""
+    arch = kv(L, "general.architecture").value
+    get = {k.key[len(arch) + 1 :]: k.value for k in L.kvs if k.key.startswith(arch + ".")}
+    n, e, f = get["block_count"], get["embedding_length"], get["feed_forward_length"]
+    h, g = get["attention.head_count"], get["attention.head_count_kv"]
+    d = get.get("attention.key_length", e // h)
+    u32 = lambda *vs: [(U32, v) for v in vs if v >= 0]  # noqa: E731
+    f32 = lambda *vs: [(F32, v) for v in vs]  # noqa: E731
+    return {
+        "block_count": u32(0, n - 1, n + 1, 2**16, 10**9, 2**32 - 1) + [(I32, -1), (I32, -n)],
+        "embedding_length": u32(0, e // 2, e - 1, e + 1, 2 * e, 2**32 - 1),
+        "feed_forward_length": u32(0, f // 2, f - 1, 2 * f, 2**31),
+        "attention.head_count": u32(0, 2 * h, 4 * h, 2**32 - 1) + [(I32, -h)],
+        "attention.head_count_kv": u32(0, g + 1, 2 * g, h + 1) + [(I32, -g)],
+        "rope.dimension_count": u32(0, 3, d - 1, d + 1, d + 2, 1000 * d, 2**32 - 16) + [(I32, -16)],
+        "rope.freq_base": f32(0.0, -10000.0, NAN, INF, -INF),
+        "attention.layer_norm_rms_epsilon": f32(0.0, -1e-5, NAN, INF, -INF),
+        "vocab_size": u32(0, len(kv(L, "tokenizer.ggml.tokens").value) - 1, len(kv(L, "tokenizer.ggml.tokens").value) + 1,
+                          2**32 - 1),
+        "context_length": u32(0, 2**32 - 1) + [(I32, -1)],
+        # keys the base files lack
+        "attention.key_length": u32(0, d // 2, d - 1, d + 1, 2 * d, 2**32 - 1),
+        "attention.value_length": u32(0, d // 2, 2 * d),
+        "rope.scaling.factor": f32(-1.0, NAN, INF, -INF),
+        "rope.scaling.attn_factor": f32(0.0, -1.0, NAN, INF),
+    }
+
+
 # tensors the base file's model has no place for: a layer past block_count, a bias in one layer
 # only, names no llama model has
-PHANTOMS = ("blk.2.attn_norm.weight", "blk.0.attn_q.bias", "blk.1.ffn_down.bias", "token_embd_norm.weight",
+PHANTOMS = ("blk.{n}.attn_norm.weight", "blk.0.attn_q.bias", "blk.{last}.ffn_down.bias", "token_embd_norm.weight",
             "blk.0.phantom.weight", "output_norm.bias")
 
 
@@ -256,13 +270,15 @@ def hyper(rng, L: Layout):
     no model of these tensors can have, or a tensor the model does not use."""
     arch = kv(L, "general.architecture").value
     if rng.random() < 0.15:
-        name = rng.choice(PHANTOMS)
+        n = kv(L, f"{arch}.block_count").value
+        name = rng.choice(PHANTOMS).format(n=n, last=n - 1)
         kvs, infos = entries(L)
         end = len(L.data) - L.data_start  # the data section's length: the base file ends aligned
         infos.append(struct.pack("<Q", len(name)) + name.encode() + struct.pack("<IQIQ", 1, 64, T_F32, end))
         return f"phantom tensor {name}", assemble(L, kvs, infos) + np.ones(64, np.float32).tobytes()
-    key = rng.choice(list(BAD_VALUES))
-    vtype, value = rng.choice(BAD_VALUES[key])
+    values = bad_values(L)
+    key = rng.choice(list(values))
+    vtype, value = rng.choice(values[key])
     kvs, infos = entries(L)
     entry = encode(f"{arch}.{key}", vtype, value)
     present = [i for i, k in enumerate(L.kvs) if k.key == f"{arch}.{key}"]
