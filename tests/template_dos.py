@@ -72,16 +72,16 @@ def run(name: str, source: str) -> dict:
         fh.write("5")  # the peak RSS starts again from here
     rss0 = _rss_kib("VmRSS")
     tracemalloc.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         ChatTemplate(source).render([{"role": "user", "content": "Hello"}])
         outcome, error = "rendered", ""
     except ChatTemplateError as e:
         outcome, error = type(e).__name__, str(e)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     python_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return dict(case=name, seconds=seconds, python_mb=python_peak / 2**20,
+    return dict(case=name, seconds=seconds, cpu_seconds=cpu, python_mb=python_peak / 2**20,
                 rss_mb=(_rss_kib("VmHWM") - rss0) / 1024, outcome=outcome, error=error)
 
 
