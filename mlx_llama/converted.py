@@ -5,8 +5,8 @@
     out_dir/tokenizer.gguf       the GGUF file's header, tensors left out: tokenizer and template
 
 The arrays are the compact quantized form by default (or dense with `dequantize=True`), so the
-directory reloads with `mx.load`, with the same logits as the GGUF file. Each file is written
-under a temporary name and renamed, config.json last: a directory with a config is complete.
+directory reloads with `mx.load`, with the same logits as the GGUF file. The directory is written
+beside its place and renamed into it (`atomic`): a kill leaves the old one or the new one whole.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import GGUFError
+from .atomic import check_target, write_dir
+from .errors import GGUFError, MlxLlamaError
 from .architectures import ModelConfig, config_fields
 from .gguf_file import GGUFFile
 from .model import BlockLinear, Model, build_model
@@ -34,10 +35,13 @@ def is_converted(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
-def save(gguf_path, out_dir, dtype: str = "float16", dequantize: bool = False) -> dict:
-    """Convert the GGUF file at `gguf_path` into `out_dir`; return the config written."""
+def save(gguf_path, out_dir, dtype: str = "float16", dequantize: bool = False, force: bool = False) -> dict:
+    """Convert the GGUF file at `gguf_path` into `out_dir`; return the config written. The
+    directory is written whole or not at all (`atomic.write_dir`); an existing one is replaced
+    only with `force`."""
     from .loader import load_model
 
+    check_target(out_dir, force)  # before the work
     f = GGUFFile(gguf_path)
     model = load_model(f, dtype=DTYPES[dtype], cpu_dequantize=dequantize)
     # which layers are quantized, and how: read back from the modules the loader made
@@ -53,18 +57,13 @@ def save(gguf_path, out_dir, dtype: str = "float16", dequantize: bool = False) -
         "quantization": quantization,
         "blocks": {path: m.ggml_type for path, m in model.named_modules() if isinstance(m, BlockLinear)},
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _replace(out / WEIGHTS, lambda p: mx.save_safetensors(str(p), dict(tree_flatten(model.parameters()))), ".safetensors")
-    _replace(out / TOKENIZER, lambda p: p.write_bytes(header_only(f)))
-    _replace(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
+    def write(out: Path) -> None:
+        mx.save_safetensors(str(out / WEIGHTS), dict(tree_flatten(model.parameters())))
+        (out / TOKENIZER).write_bytes(header_only(f))
+        (out / CONFIG).write_text(json.dumps(config, indent=2))
+
+    write_dir(out_dir, write, force)
     return config
-
-
-def _replace(dest: Path, write, suffix: str = "") -> None:
-    tmp = dest.with_name(f".{dest.name}.partial{suffix}")  # mx.save_safetensors wants the suffix
-    write(tmp)
-    os.replace(tmp, dest)
 
 
 def header_only(f: GGUFFile) -> bytes:
@@ -85,6 +84,13 @@ def load_dir(path) -> tuple[Model, GGUFFile]:
         weights = mx.load(os.path.join(path, WEIGHTS))
         model = build_model(cfg, list(weights.items()), dtype=dtype,
                             quantized=config["quantization"], blocks=config.get("blocks", {}))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise GGUFError(path, f"not a complete converted model directory ({type(e).__name__}: {e})") from None
+    except MlxLlamaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any damage to the directory is the user's one-line error
+        raise GGUFError(path, f"not a complete converted model directory ({type(e).__name__}: {_first_line(e)})") from None
     return model, GGUFFile(os.path.join(path, TOKENIZER))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, NonFiniteError
 from .model import Model
 from .prompt import encode_prompt, file_template
 from .sample import SamplingParams, make_sampler
@@ -67,27 +67,35 @@ def generate_tokens(
 
     past: tokens the cache already holds before `prompt`, seen by the penalties (as llama.cpp's
     penalties see the whole session)."""
+    if params.repeat_last_n > model.config.context_length:  # the penalty window is allocated at this size
+        raise MlxLlamaError(f"repeat_last_n {params.repeat_last_n} is more than the model's context of "
+                            f"{model.config.context_length} tokens")
     sample = make_sampler(params)
     cache = cache if cache is not None else model.make_cache()
     n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
     history = mx.array((list(past) + list(prompt))[-n_hist:] if n_hist else [], mx.int32)
 
-    def step(logits: mx.array) -> mx.array:
+    def step(logits: mx.array) -> tuple[mx.array, mx.array]:
+        """The next token, and whether the logits it was drawn from were all finite (a
+        reduction computed with it: NaN logits must stop generation, not become tokens)."""
         nonlocal history
         y = sample(logits, history)
         if n_hist:
             history = mx.concatenate([history, y])[-n_hist:]
-        return y
+        return y, mx.isfinite(logits).all()
 
-    y = step(prefill(model, mx.array(prompt, mx.int32), cache))
-    mx.async_eval(y)
+    y, finite = step(prefill(model, mx.array(prompt, mx.int32), cache))
+    mx.async_eval(y, finite)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_y = step(model(y[None], cache)[:, -1, :])
-            mx.async_eval(next_y)
+            next_y, next_finite = step(model(y[None], cache)[:, -1, :])
+            mx.async_eval(next_y, next_finite)
+        if not finite.item():
+            raise NonFiniteError(f"the model computed NaN or infinite logits after {n} generated tokens: its weights "
+                                 "or settings are broken, or its activations overflow the compute dtype")
         yield y.item()
         if n + 1 < max_tokens:
-            y = next_y
+            y, finite = next_y, next_finite
 
 
 class StopStrings:

@@ -14,6 +14,7 @@ from .converted import is_converted, load_dir
 from .download import default_model
 from .errors import GGUFError
 from .architectures import check_tensors, read_config
+from .chat_template import check_file_template
 from .gguf_file import GGUFFile
 from .model import Model, build_model, module_path
 from .quants import BF16, F16, F32, Affine, Blocks, decode_tensor, type_name
@@ -39,21 +40,29 @@ def choose_cpu_dequantize(n_params: int) -> bool:
     return n_params * 4 <= CPU_DEQUANTIZE_MEMORY_SHARE * physical_memory()
 
 
-def load(path=None, **kwargs) -> tuple[Model, Tokenizer]:
+def load(path=None, *, check_template: bool = True, **kwargs) -> tuple[Model, Tokenizer]:
     """The model and tokenizer of `path`: a GGUF file, a directory written by the converter
     (`mlx_llama.converted`, loaded as it was written: its dtype and weight form), or None for the
-    default model (downloaded on first use). `kwargs`: `load_model`'s options, for GGUF files."""
+    default model (downloaded on first use). `kwargs`: `load_model`'s options, for GGUF files.
+
+    Everything but the weights is checked first — the header, the config, the vocabulary and
+    (with `check_template`, for callers that will use the file's own chat template) the template,
+    rendered once — so a broken file fails before its weights are read."""
     if path is None:
         path = default_model()
     path = os.fspath(path)
-    if is_converted(path):
+    converted = is_converted(path)
+    if converted:
         model, f = load_dir(path)
     else:
         if os.path.exists(path) and not os.path.isfile(path):
             raise GGUFError(path, "not a regular file (nor a directory written by the converter)")
         f = GGUFFile(path)
-        model = load_model(f, **kwargs)
     tokenizer = Tokenizer.from_gguf(f)
+    if check_template:
+        check_file_template(f.path, f.metadata)
+    if not converted:
+        model = load_model(f, **kwargs)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
     if mx.default_device() == mx.cpu:

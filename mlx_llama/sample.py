@@ -137,6 +137,8 @@ FLOAT_PARAMS = ("temp", "top_p", "min_p", "repeat_penalty", "frequency_penalty",
 def _validate(params: SamplingParams) -> None:
     if params.repeat_last_n < 0:
         raise MlxLlamaError(f"repeat_last_n must be ≥ 0, not {params.repeat_last_n}")
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise MlxLlamaError(f"seed must be in 0 … 2^64-1, not {params.seed}")
     if params.penalty_last_n and not params.repeat_penalty > 0:
         raise MlxLlamaError(f"repeat_penalty must be > 0, not {params.repeat_penalty}")
     for name in FLOAT_PARAMS:

@@ -49,20 +49,26 @@ def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, ve
 
     params = sampling_params(sampling)
     try:
-        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose, check_template=template_name is None)
         session = ChatSession(model, tokenizer, chat_template(tokenizer, template_name), system=system, params=params, stop_strings=stop)
     except MlxLlamaError as e:
         fail(str(e))
     _readline_history()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, refused per line
+        sys.stdin.reconfigure(errors="surrogateescape")
     click.echo(CHAT_HELP, err=True)
     while True:
         try:
             line = input(">>> ")
+            line.encode("utf-8")
         except EOFError:
             click.echo()
             return
         except KeyboardInterrupt:
             click.echo()
+            continue
+        except UnicodeError:
+            click.echo("mlx_llama: error: the line is not valid UTF-8", err=True)
             continue
         command = line.strip()
         if not command:

@@ -3,6 +3,7 @@ for models, sampling and templates, and reading a prompt."""
 
 from __future__ import annotations
 
+import math
 import re
 import resource
 import sys
@@ -43,6 +44,29 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinity too (NaN passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def utf8_text(ctx, param, value):
+    """A click callback for text options and arguments: Python hands over argv bytes that are
+    not UTF-8 as lone surrogates, which no tokenizer can encode; refuse them in one line."""
+    for text in value if isinstance(value, tuple) else (value,):
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise click.BadParameter(f"not valid UTF-8 (at character {e.start})", ctx, param) from None
+    return value
+
+
 def model_options(f):
     """-m, --cpu-dequantize/--no-cpu-dequantize and -v, shared by the commands that run a model."""
     f = click.option("-v", "--verbose", is_flag=True, help="Print the device, weight mode, BLAS and load time.")(f)
@@ -57,15 +81,16 @@ def model_options(f):
     )(f)
 
 
-def load_model(model_path, cpu_dequantize, verbose):
-    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr."""
+def load_model(model_path, cpu_dequantize, verbose, check_template: bool = True):
+    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr.
+    check_template: the file's own chat template will be used, so render it once first."""
     mx = import_mlx()
     from ..download import default_model
     from ..loader import load
 
     path = model_path or default_model()
     t0 = time.perf_counter()
-    model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
+    model, tokenizer = load(path, cpu_dequantize=cpu_dequantize, check_template=check_template)
     if verbose:
         from ..quants import subblock16_form
 
@@ -83,17 +108,17 @@ def memory_line(mx) -> str:
 def sampling_options(f):
     """llama.cpp's sampler settings and defaults, shared by generate and chat."""
     options = [
-        click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0), help="Temperature; 0 is greedy."),
+        click.option("--temp", default=0.8, show_default=True, type=FiniteFloat(min=0), help="Temperature; 0 is greedy."),
         click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k filter; 0 is off."),
-        click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (nucleus) filter; 1 is off."),
-        click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p filter; 0 is off."),
-        click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Repetition penalty; 1 is off."),
-        click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the penalties look back over (prompt included)."),
-        click.option("--frequency-penalty", default=0.0, show_default=True, type=float, help="Subtracted from a token's logit per occurrence in the last --repeat-last-n tokens; 0 is off."),
-        click.option("--presence-penalty", default=0.0, show_default=True, type=float, help="Subtracted once if the token occurs in the last --repeat-last-n tokens; 0 is off."),
+        click.option("--top-p", default=0.95, show_default=True, type=FiniteFloat(0, 1), help="Top-p (nucleus) filter; 1 is off."),
+        click.option("--min-p", default=0.05, show_default=True, type=FiniteFloat(0, 1), help="Min-p filter; 0 is off."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Repetition penalty; 1 is off."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the penalties look back over (prompt included), at most the model's context."),
+        click.option("--frequency-penalty", default=0.0, show_default=True, type=FiniteFloat(), help="Subtracted from a token's logit per occurrence in the last --repeat-last-n tokens; 0 is off."),
+        click.option("--presence-penalty", default=0.0, show_default=True, type=FiniteFloat(), help="Subtracted once if the token occurs in the last --repeat-last-n tokens; 0 is off."),
         click.option("--logit-bias", "-l", multiple=True, metavar="TOKEN(+|-)BIAS", help="Add BIAS to TOKEN's logit, as llama.cpp: 15043+1; 15043-inf bans (repeatable)."),
-        click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling."),
-        click.option("--stop", multiple=True, help="Stop when this text is generated (repeatable); it is not printed."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed (0 to 2^64-1), for reproducible sampling."),
+        click.option("--stop", multiple=True, callback=utf8_text, help="Stop when this text is generated (repeatable); it is not printed."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -116,7 +141,7 @@ def parse_logit_bias(specs) -> dict[int, float]:
             value = float(m.group(3)) if m else None
         except ValueError:
             value = None
-        if value is None:
+        if value is None or math.isnan(value):
             fail(f"--logit-bias {spec!r}: expected TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)")
         out[int(m.group(1))] = value if m.group(2) == "+" else -value
     return out
@@ -156,8 +181,8 @@ def _one_newline_less(text: str) -> str:
 
 
 def template_options(f):
-    f = click.option("--system", default=None, help="System message (chat template only).")(f)
-    return click.option("--chat-template", "template_name", default=None,
+    f = click.option("--system", default=None, callback=utf8_text, help="System message (chat template only).")(f)
+    return click.option("--chat-template", "template_name", default=None, callback=utf8_text,
                         help="Built-in template (chatml, llama-2, llama-3, zephyr) instead of the file's own.")(f)
 
 

@@ -8,11 +8,11 @@ import click
 
 from ..errors import MlxLlamaError
 from .common import (chat_template, fail, import_mlx, load_model, model_options, read_prompt, sampling_options,
-                     sampling_params, stats_line, template_options)
+                     sampling_params, stats_line, template_options, utf8_text)
 
 @click.command()
-@click.argument("prompt_arg", metavar="[PROMPT]", required=False)
-@click.option("-p", "--prompt", help="The prompt (instead of the PROMPT argument); - reads it from stdin.")
+@click.argument("prompt_arg", metavar="[PROMPT]", required=False, callback=utf8_text)
+@click.option("-p", "--prompt", callback=utf8_text, help="The prompt (instead of the PROMPT argument); - reads it from stdin.")
 @click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), help="Read the prompt from a file.")
 @click.option("-n", "--max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
 @click.option("--chat/--raw", "use_template", default=None,
@@ -41,7 +41,8 @@ def generate(prompt_arg, prompt, prompt_file, max_tokens, use_template, template
 
     params = sampling_params(sampling)
     try:
-        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose,
+                                      check_template=use_template is not False and template_name is None)
         if explicit:  # an error when the file has no template and none is named
             template = chat_template(tokenizer, template_name)
         else:
