@@ -68,6 +68,8 @@ def generate_tokens(
     past: tokens the cache already holds before `prompt`, seen by the penalties (as llama.cpp's
     penalties see the whole session)."""
     sample = make_sampler(params)
+    if hasattr(model, "shared_sampler"):  # a model over several processes: one samples, all get its token
+        sample = model.shared_sampler(sample)
     cache = cache if cache is not None else model.make_cache()
     n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
     history = mx.array((list(past) + list(prompt))[-n_hist:] if n_hist else [], mx.int32)

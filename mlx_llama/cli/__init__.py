@@ -12,7 +12,7 @@ import warnings
 import click
 
 from .chat import chat
-from .common import fail, show_warning
+from .common import end_run, fail, show_warning
 from .generate import generate
 from .info import info
 from .perplexity import perplexity
@@ -23,7 +23,9 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            end_run()  # a distributed run ended well on this rank
+            return result
         except click.exceptions.NoArgsIsHelpError as e:  # `mlx_llama` alone: the help, as click shows it
             click.echo(e.ctx.get_help())
             sys.exit(2)
