@@ -2,7 +2,7 @@
 (each rank a process with MLX_RANK and a hostfile of localhost ports), but with each rank's
 stdout and stderr kept apart, so that tests can read rank 0's alone.
 
-    run = Ranks(["generate", "--pipeline", ...], n=2)   # `python -m mlx_llama ARGS` per rank
+    run = Ranks(["-m", "mlx_llama", "generate", "--pipeline", ...], n=2)   # `python ARGS` per rank
     run.wait(timeout=300)                                  # → [(returncode, stdout, stderr), ...]
 """
 
@@ -39,18 +39,26 @@ def rank_env(rank: int, hostfile: str, extra: dict | None = None) -> dict:
 
 
 class Ranks:
-    def __init__(self, args: list[str], n: int, *, module: str = "mlx_llama", env: dict | None = None, cwd=None):
+    def __init__(self, args: list[str], n: int, *, env: dict | None = None, stdin: str | None = None, cwd=None,
+                 hostfile_ranks: int | None = None):
+        """stdin: rank 0's standard input (the others' is empty); cwd: the ranks' working
+        directory, or a list of one per rank; hostfile_ranks: the ranks the hostfile lists
+        (default n: start fewer to leave ranks missing)."""
         self.dir = tempfile.TemporaryDirectory(prefix="ranks-")
         hostfile = os.path.join(self.dir.name, "hosts.json")
         with open(hostfile, "w") as fh:
-            json.dump([[f"127.0.0.1:{p}"] for p in free_ports(n)], fh)
+            json.dump([[f"127.0.0.1:{p}"] for p in free_ports(hostfile_ranks or n)], fh)
         self.files, self.procs = [], []
         for rank in range(n):
             out, err = (open(os.path.join(self.dir.name, f"{rank}.{k}"), "w+") for k in ("out", "err"))
             self.files.append((out, err))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err,
-                                               stdin=subprocess.DEVNULL, env=rank_env(rank, hostfile, env),
-                                               cwd=cwd or self.dir.name))
+            given = subprocess.PIPE if rank == 0 and stdin is not None else subprocess.DEVNULL
+            self.procs.append(subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, stdin=given,
+                                               env=rank_env(rank, hostfile, env), text=True,
+                                               cwd=(cwd[rank] if isinstance(cwd, list) else cwd) or self.dir.name))
+            if given == subprocess.PIPE:
+                self.procs[-1].stdin.write(stdin)
+                self.procs[-1].stdin.close()
 
     def output(self, rank: int) -> tuple[str, str]:
         out, err = self.files[rank]

@@ -25,11 +25,11 @@ from ..errors import GGUFError, MlxLlamaError
 from ..gguf_file import GGUFFile, TensorInfo
 from ..loader import add_weight, check_vector, choose_cpu_dequantize, dense_dtype_of
 from ..model import Model, fill_model, module_path, uses_cpu_kernels
-from ..quants import FORMATS, Affine, Blocks, decode_tensor, dequantize_blocks
+from ..quants import FORMATS, SUBBLOCK16, Affine, Blocks, decode_tensor, dequantize_blocks
 from ..tokenizer import Tokenizer
 from .base import Part
 from .pipeline import PipelineModel, split_layers
-from .tensor import TensorParallelModel, TensorSplit, shard_modules
+from .tensor import GROUP, SUPER_BLOCK, TensorParallelModel, TensorSplit, shard_modules
 from .world import World, connect, fingerprint
 
 MODES = ("pipeline", "tensor")
@@ -96,7 +96,8 @@ def build_pipeline(f, cfg, shapes, world: World, dtype, expand: bool) -> Pipelin
 
 
 def build_tensor_parallel(f, cfg, shapes, world: World, dtype, expand: bool) -> TensorParallelModel:
-    split = TensorSplit(cfg, world.rank, world.size)
+    in_blocks = not expand and any(f.tensors[n].ggml_type in SUBBLOCK16 for n in shapes if n.endswith("ffn_down.weight"))
+    split = TensorSplit(cfg, world.rank, world.size, SUPER_BLOCK if in_blocks else GROUP)
     plan = [(name, module_path(name), split.part(name)) for name in shapes]
     inner = Model(split.local_config(), dtype=dtype, cpu_kernels=uses_cpu_kernels(dtype))
     _fill(inner, f, plan, dtype, expand)

@@ -22,15 +22,17 @@ from ..architectures import ModelConfig
 from .base import DistributedModel, Part
 from .world import SameOnEveryRank
 
-# Column splits fall on multiples of these where the size allows: whole K-quant super-blocks
-# (256) or whole MLX affine groups (32) stay in their compact form (`load.trim_columns`).
-ALIGNMENTS = (256, 32)
+# FFN units are split in multiples of MLX's affine group (32), or of a Q2_K/Q6_K super-block
+# (256) when ffn_down is kept in those blocks: ffn_down's columns then stay in their compact
+# form (`load.trim_columns`).
+GROUP, SUPER_BLOCK = 32, 256
 
 
 class TensorSplit:
-    """Which heads, FFN units and vocabulary rows rank `rank` of `size` holds."""
+    """Which heads, FFN units and vocabulary rows rank `rank` of `size` holds; FFN units in
+    multiples of `unit` where the size allows."""
 
-    def __init__(self, cfg: ModelConfig, rank: int, size: int):
+    def __init__(self, cfg: ModelConfig, rank: int, size: int, unit: int = GROUP):
         if cfg.num_kv_heads % size:
             raise SameOnEveryRank(
                 f"tensor parallelism over {size} ranks needs a key/value head count divisible by {size}; "
@@ -41,7 +43,7 @@ class TensorSplit:
         self.kv_heads = (rank * per_kv, (rank + 1) * per_kv)
         group = cfg.num_heads // cfg.num_kv_heads  # query heads per key/value head stay together
         self.heads = (self.kv_heads[0] * group, self.kv_heads[1] * group)
-        self.units = _aligned_share(cfg.intermediate_size, rank, size)
+        self.units = _aligned_share(cfg.intermediate_size, rank, size, unit)
         width = -(-cfg.vocab_size // size)  # all shares equal but the last: gathered logits need no reordering
         self.vocab = (min(rank * width, cfg.vocab_size), min((rank + 1) * width, cfg.vocab_size))
         self.vocab_width = width
@@ -87,9 +89,9 @@ def _divisors(n: int) -> str:
     return " or ".join(str(d) for d in range(2, n + 1) if n % d == 0) or "no"
 
 
-def _aligned_share(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Rank `rank`'s part of n units, cut at the largest alignment that gives every rank some."""
-    unit = next((a for a in ALIGNMENTS if n % a == 0 and n // a >= size), 1)
+def _aligned_share(n: int, rank: int, size: int, unit: int) -> tuple[int, int]:
+    """Rank `rank`'s part of n, cut at multiples of `unit` (of 1 where that cannot be done)."""
+    unit = next((u for u in (unit, GROUP) if n % u == 0 and n // u >= size), 1)
     blocks = n // unit
     return blocks * rank // size * unit, blocks * (rank + 1) // size * unit
 
