@@ -222,7 +222,8 @@ def test_a_rank_that_never_comes(tiny_files):
                 1, hostfile_ranks=2, env={"MLX_LLAMA_DIST_TIMEOUT": "3"})
     started = time.monotonic()
     (rc, out, err), = run.wait(timeout=60)
-    assert rc == 2 and "could not connect to the other ranks within 3 s" in one_error_line(err)
+    # MLX's ring setup holds Python's lock while it waits: a sentinel process ends the rank (SIGKILL)
+    assert rc in (2, -signal.SIGKILL) and "could not connect to the other ranks within 3 s" in one_error_line(err)
     assert time.monotonic() - started < 30
 
 

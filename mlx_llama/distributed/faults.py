@@ -8,7 +8,8 @@ What goes wrong, and how it ends (exit status 2, `mlx_llama: error: …` on rank
   handler once the main thread is back from MLX, so the signal is read by the watchdog thread
   from `signal.set_wakeup_fd`'s pipe;
 * a rank never connects, or a forward pass stalls (a machine gone without closing its
-  sockets): the watchdog's deadline.
+  sockets): the watchdog's deadline; MLX's backend setup keeps Python's lock while it waits
+  for the other ranks, so there the deadline is kept by a small process (`outside_deadline`).
 
 MLX's ring backend writes its own lines when a peer goes (`[ring] Socket 3 was closed by the
 peer`, ten times): the process's native stderr is filtered (`filter_native_stderr`) so that the
@@ -24,6 +25,7 @@ import io
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -117,6 +119,31 @@ class Watchdog:
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline[0]:
                 fatal(deadline[1], self.rank)
+
+
+# The sentinel of `outside_deadline`: sleep, then end the parent (if it is still this one's).
+_SENTINEL = """import os, signal, sys, time
+parent, seconds, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+if os.getppid() == parent:
+    os.write(2, line.encode())
+    os.kill(parent, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def outside_deadline(message: str, seconds: float):
+    """End the process with `message` (rank 0) unless the block is done within `seconds`, even
+    while a call holds Python's lock (MLX's backend setup), where no thread of ours can run: a
+    sentinel process kills this one (status -9, 137 in a shell)."""
+    line = f"{ERROR}{message}\n" if _rank() == 0 else ""
+    sentinel = subprocess.Popen([sys.executable, "-S", "-c", _SENTINEL, str(os.getpid()), str(seconds), line],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        sentinel.kill()
+        sentinel.wait()
 
 
 def excepthook(rank: int):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import MlxLlamaError
-from .faults import Watchdog
+from .faults import Watchdog, outside_deadline
 
 # mx.distributed.init("any") tries NCCL (with CUDA), then ring, MPI, JACCL; we do the same, one
 # by one, so that we know which backend answered (NCCL has no send/recv: see `point_to_point`).
@@ -86,8 +86,8 @@ def connect(timeout: float = DEFAULT_TIMEOUT) -> World:
     seconds ends with a one-line error instead of waiting forever."""
     watchdog = Watchdog(timeout)
     backends = (("nccl",) if mx.cuda.is_available() else ()) + BACKENDS
-    with watchdog.deadline(f"could not connect to the other ranks within {timeout:g} s "
-                           "(did every rank start, with the same hostfile?)"):
+    message = f"could not connect to the other ranks within {timeout:g} s (did every rank start, with the same hostfile?)"
+    with outside_deadline(message, timeout + 1), watchdog.deadline(message):  # the first that can act
         for backend in backends:
             try:  # an unconfigured backend gives a group of one; a misconfigured one raises
                 group = mx.distributed.init(strict=False, backend=backend)
