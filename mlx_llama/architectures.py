@@ -92,6 +92,7 @@ class ModelConfig:
     rope_theta_swa: float = 10000.0  # rope.freq_base_swa, the local layers' base
     final_logit_softcap: float = 0.0  # logits = cap · tanh(logits / cap) (0: none)
     fused_qkv: bool = False  # attn_qkv instead of attn_q, attn_k, attn_v
+    fused_gate_up: bool = False  # ffn_up holds [gate; up] (Phi-3's files; fused at load on NVIDIA GPUs)
     biases: tuple[str, ...] = ()  # the linear layers that carry a bias (GGUF names, "output" included)
     tied_embeddings: bool = True  # no output.weight: the embedding table projects onto the vocabulary
 
@@ -185,6 +186,7 @@ def read_config(f) -> ModelConfig:
         rope_attn_factor=k.float("rope.scaling.attn_factor", 1.0),
         tied_embeddings="output.weight" not in f.tensors,
         fused_qkv="blk.0.attn_qkv.weight" in f.tensors,
+        fused_gate_up=ARCHITECTURES[arch].fused_gate_up,
         biases=tuple(n for n in (*ATTENTION_LINEARS, *FFN_LINEARS) if f"blk.0.{n}.bias" in f.tensors)
         + (("output",) if "output.bias" in f.tensors else ()),
     )
@@ -298,7 +300,7 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.rope_factors != "none":
         shapes[f"{cfg.rope_factors}.weight"] = (cfg.rope_dims // 2,)
     outs = {"attn_q": cfg.q_dim, "attn_k": cfg.kv_dim, "attn_v": cfg.kv_dim, "attn_qkv": cfg.q_dim + 2 * cfg.kv_dim,
-            "attn_output": d, "ffn_gate": f_, "ffn_up": 2 * f_ if cfg.arch.fused_gate_up else f_, "ffn_down": d}
+            "attn_output": d, "ffn_gate": f_, "ffn_up": 2 * f_ if cfg.fused_gate_up else f_, "ffn_down": d}
     ins = {"attn_output": cfg.q_dim, "ffn_down": f_}
     for i in range(cfg.num_layers):
         for name in layer_linears(cfg):
@@ -312,7 +314,7 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def layer_linears(cfg: ModelConfig) -> tuple[str, ...]:
     attention = ("attn_qkv",) if cfg.fused_qkv else ("attn_q", "attn_k", "attn_v")
-    ffn = ("ffn_up", "ffn_down") if cfg.arch.fused_gate_up else FFN_LINEARS
+    ffn = ("ffn_up", "ffn_down") if cfg.fused_gate_up else FFN_LINEARS
     return (*attention, "attn_output", *ffn)
 
 
@@ -353,7 +355,7 @@ def settings(cfg: ModelConfig, metadata: dict) -> dict:
                      f"{'fused QKV' if cfg.fused_qkv else 'separate Q/K/V'}, scale {cfg.query_scale:.6g}"
                      + (", q/k RMSNorm" if a.qk_norm else ""),
         "norms": "sandwich (pre and post each sublayer)" if a.sandwich_norms else "pre",
-        "ffn": f"{a.activation}-gated{', gate+up fused' if a.fused_gate_up else ''}, {cfg.intermediate_size} wide",
+        "ffn": f"{a.activation}-gated{', gate+up fused' if cfg.fused_gate_up else ''}, {cfg.intermediate_size} wide",
         "biases": ", ".join(cfg.biases) or "none",
         "embeddings": ("× √hidden, " if a.embed_scale else "") + ("tied to the output" if cfg.tied_embeddings else "separate output"),
     }

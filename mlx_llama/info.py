@@ -23,7 +23,8 @@ def _summary(value):
 
 
 def describe(path, all_metadata: bool = False) -> dict:
-    from .quants import FORMATS, type_name
+    from .quants import type_name
+    from .quants.formats import format_for
 
     f = GGUFFile(path)
     md = f.metadata
@@ -33,7 +34,7 @@ def describe(path, all_metadata: bool = False) -> dict:
         row = by_type[type_name(t.ggml_type)]
         row["tensors"] += 1
         row["bytes"] += int(t.data.nbytes)
-        fmt = FORMATS.get(t.ggml_type)
+        fmt = format_for(t.ggml_type)  # on this device (Q2_K/Q6_K: the blocks, or dense float16 on Metal)
         row["mlx"] = fmt.representation if fmt else "unsupported"
         n_params += math.prod(t.shape)
     try:

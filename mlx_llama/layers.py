@@ -7,17 +7,51 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_kernels
+from . import cuda_affine, cuda_kernels
 from .quants import dequantize_blocks
+
+
+def affine_product(x: mx.array, layer: nn.Module) -> mx.array:
+    """x @ W.T for a layer in MLX's affine form (`weight`, `scales`, `biases`, `group_size`, `bits`).
+
+    On MLX's CUDA backend: the bandwidth-bound kernel of `cuda_affine` while decoding (a few
+    rows of x), and for prompts the weights dequantized in x's dtype — once x is ready, so that
+    only the layers in flight hold dense copies — then one dense matmul (cuBLAS). Elsewhere
+    (CPU, Metal): MLX's own quantized matmul."""
+    w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    k = x.shape[-1]
+    if cuda_affine.available() and cuda_affine.supported(layer.bits, layer.group_size, k):
+        if x.size // k <= cuda_affine.MATVEC_MAX_ROWS:
+            return cuda_affine.matvec(x, w, scales, biases, layer.bits)
+        w, scales, biases = mx.depends([w, scales, biases], [x])
+        return x @ mx.dequantize(w, scales, biases, group_size=layer.group_size, bits=layer.bits, dtype=x.dtype).T
+    return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=layer.group_size, bits=layer.bits)
+
+
+class AffineLinear(nn.QuantizedLinear):
+    """MLX's quantized linear layer, its product by `affine_product`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = affine_product(x, self)
+        return y + self["bias"] if "bias" in self else y
+
+
+class Linear(nn.Linear):
+    def to_quantized(self, group_size=None, bits=None, mode="affine", **kwargs):
+        return AffineLinear.from_linear(self, group_size, bits, mode)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     """Looks rows up in float32: MLX's own layer computes them in the float16 of the scales,
-    which would round every embedding value the GGUF file holds exactly."""
+    which would round every embedding value the GGUF file holds exactly. As the output
+    projection (tied embeddings), its product is `affine_product`'s."""
 
     def __call__(self, x: mx.array) -> mx.array:
         scales, biases = self["scales"][x].astype(mx.float32), self["biases"][x].astype(mx.float32)
         return mx.dequantize(self["weight"][x], scales, biases, group_size=self.group_size, bits=self.bits)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return affine_product(x, self)
 
 
 class Embedding(nn.Embedding):

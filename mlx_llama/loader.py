@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 from tqdm import tqdm
 
-from . import _blas
+from . import _blas, cuda_affine, fusion
 from .converted import is_converted, load_dir
 from .download import default_model
 from .errors import GGUFError
@@ -67,12 +67,15 @@ def load_model(
     dtype: mx.Dtype | None = None,
     cpu_dequantize: bool | None = None,
     progress: bool | None = None,
+    fuse: bool | None = None,
 ) -> Model:
     """Build the model of an open GGUF file.
 
     dtype: activation/dense-weight dtype; default float32 on the CPU, float16 on a GPU.
     cpu_dequantize: expand quantized weights to dense `dtype` at load (None: the auto rule above).
     progress: show a loading bar (None: for files over 1 GB when stderr is a terminal).
+    fuse: stack q/k/v and gate/up into one matrix each (`fusion`; None: on NVIDIA GPUs, where it
+    saves kernel launches while decoding).
     """
     cfg = read_config(f)
     shapes = check_tensors(f, cfg)
@@ -97,6 +100,8 @@ def load_model(
         mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
         bar.update(t.data.nbytes)
     bar.close()
+    if fuse if fuse is not None else cuda_affine.available():
+        cfg, weights = fusion.fuse(cfg, weights, quantized, blocks)
     mx.clear_cache()  # return the decoding scratch buffers
     return build_model(cfg, weights, dtype=dtype, quantized=quantized, blocks=blocks,
                        cpu_dequantized=bool(cpu_dequantize))

@@ -14,10 +14,10 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import cuda_attention, kernels
 from .architectures import ModelConfig
 from .cache import KVCache
-from .layers import BlockLinear, Embedding, block_layer
+from .layers import BlockLinear, Embedding, Linear, block_layer
 
 BLOCK_LEVEL = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")  # norms that sit in the block itself
 
@@ -76,8 +76,18 @@ class RoPE(nn.Module):
         return y if self._mscale is None else y * self._mscale.astype(y.dtype)
 
 
+def heads(a: mx.array, n: int, B: int, T: int) -> mx.array:
+    """(B, T, n · head_dim) → (B, n, T, head_dim); for one token a reshape (no transpose op)."""
+    return a.reshape(B, n, 1, -1) if T == 1 else a.reshape(B, T, n, -1).transpose(0, 2, 1, 3)
+
+
+# The gated activations as one fused kernel each (elsewhere than the CPU, where `kernels` has its own)
+_swiglu = mx.compile(lambda gate, up: nn.silu(gate) * up)
+_geglu = mx.compile(lambda gate, up: nn.gelu_approx(gate) * up)
+
+
 def linear(cfg: ModelConfig, name: str, n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=name in cfg.biases)
+    return Linear(n_in, n_out, bias=name in cfg.biases)
 
 
 class Attention(nn.Module):
@@ -114,10 +124,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
         q, k, v = self.projections(x)
-        # (B, T, heads · head_dim) → (B, heads, T, head_dim)
-        q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = heads(q, self.n_heads, B, T), heads(k, self.n_kv_heads, B, T), heads(v, self.n_kv_heads, B, T)
         if "attn_q_norm" in self:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         offset = cache.offset if cache is not None else 0
@@ -126,9 +133,14 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         if self.cpu_kernels:
             out = kernels.attention(q, k, v, self.scale, self.window)
+        elif T == 1 and cache is not None and cuda_attention.available(self.head_dim):
+            # one token: read the cache's buffers directly (no copy of the valid slice, no cuDNN)
+            out = cuda_attention.decode_attention(q, cache.keys, cache.values, cache.offset, self.scale, self.window)
         else:
             out = self.gpu_attention(q, k, v, T)
-        return self.attn_output(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        # (B, heads, T, head_dim) → (B, T, heads · head_dim); for one token a reshape
+        out = out.reshape(B, 1, -1) if T == 1 else out.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return self.attn_output(out)
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:
         if self.window and T == 1:
@@ -148,8 +160,8 @@ class FeedForward(nn.Module):
         if cpu_kernels:
             self.glu = kernels.geglu if gelu else kernels.swiglu
         else:
-            self.glu = (lambda g, u: nn.gelu_approx(g) * u) if gelu else (lambda g, u: nn.silu(g) * u)
-        self.fused = cfg.arch.fused_gate_up
+            self.glu = _geglu if gelu else _swiglu
+        self.fused = cfg.fused_gate_up
         if not self.fused:
             self.ffn_gate = linear(cfg, "ffn_gate", d, f)
         self.ffn_up = linear(cfg, "ffn_up", d, 2 * f if self.fused else f)

@@ -1,16 +1,18 @@
-"""mlx_llama on a GPU: a Llama-2-7B-shaped Q4_K_M GGUF (random weights), against llama.cpp's llama-bench.
+"""mlx_llama on an NVIDIA GPU against llama.cpp and mlx-lm: Llama-2-7B-shaped files, one run.
 
-Writes the file (`bench_load.make_7b`: llama.cpp's Q4_K_M recipe, Q6_K for the output, attn_v and
-half the ffn_down layers), then for each form of the Q2_K/Q6_K tensors ("blocks", the default:
-the file's blocks dequantized when used; "dense": float16) loads it with mlx_llama on MLX's
-default device and measures in this process:
-  load time, MLX memory held by the weights (and its ratio to the file's tensor bytes),
-  prompt processing of 512 tokens and generation of 128 (greedy), tokens/s, best of --reps.
-With --llama-bench PATH, llama.cpp's llama-bench runs on the same file (pp512, tg128) for the ratio.
-A check runs first, on a 2-layer file of the same shape: the logits of the model on the default
-device (float16 activations on a GPU) against the float32 CPU model, top-1 and max |Δ|.
+Writes the files (`bench_load.make_7b`, random weights, a real 32000-token vocabulary so that
+llama.cpp loads them): Q4_0, and llama.cpp's Q4_K_M recipe (Q6_K for the output, attn_v and half
+the ffn_down layers, Q4_K elsewhere). Then, in one process each and one after the other:
+  mlx_llama    pp512 and tg128 (`mlx_llama.bench`: warm-up, then --reps runs), on each file;
+               with --baseline also with its CUDA kernels off (MLX_LLAMA_CUDA_KERNELS=0: MLX's
+               own quantized matmul), for the ratio;
+  llama.cpp    its llama-bench (--llama-bench PATH) on the same files;
+  mlx-lm       (--mlx-lm) the 7B shape built by mlx_lm.models.llama with random weights,
+               quantized 4-bit, group 32 and 64 (its own quantization; the nearest peer to Q4_0);
+and prints one table with ratios to llama.cpp. A check runs first (--check): the logits of a
+2-layer file on the GPU against the float32 CPU model with the same compact weights.
 
-    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--layers 32] [--llama-bench PATH] [--forms blocks,dense]
+    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline]
 """
 
 from __future__ import annotations
@@ -22,74 +24,87 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-import mlx_llama  # noqa: E402  (before mlx.core: preloads a fast BLAS on the CPU)
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from bench_load import make_7b  # noqa: E402
-from mlx_llama import generation, quants  # noqa: E402
-from mlx_llama.architectures import read_config  # noqa: E402
-from mlx_llama.gguf_file import GGUFFile  # noqa: E402
-from mlx_llama.loader import load_model  # noqa: E402
-from mlx_llama.sample import SamplingParams  # noqa: E402
+RECIPES = ("Q4_0", "Q4_K_M")
 
 
-def run_once(model, prompt: list[int], gen: int) -> tuple[float, float, float, float]:
-    """prompt and generation tokens/s, and the peak MLX memory (GiB) during each."""
-    cache = model.make_cache()
-    ids = mx.array(prompt, mx.int32)
-    mx.eval(ids)
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    logits = generation.prefill(model, ids, cache)
-    mx.eval(logits, [c.state for c in cache])
-    pp = time.perf_counter() - t0
-    pp_peak = mx.get_peak_memory() / 2**30
-    first = int(mx.argmax(logits, axis=-1).item())
-    mx.reset_peak_memory()
-    it = generation.generate_tokens(model, [first], SamplingParams(temp=0), gen + 1, cache=cache)
-    next(it)
-    t0 = time.perf_counter()
-    n = sum(1 for _ in it)
-    tg = time.perf_counter() - t0
-    return len(prompt) / pp, n / tg, pp_peak, mx.get_peak_memory() / 2**30
+def make_files(directory: str, layers: int, vocab_from: str | None) -> dict[tuple[str, int], str]:
+    from bench_load import make_7b
+
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for recipe in RECIPES:
+        for n in (2, layers):
+            path = paths[recipe, n] = os.path.join(directory, f"llama2-7b-shape-random-{recipe}-{n}l.gguf")
+            if not os.path.exists(path):
+                t0 = time.perf_counter()
+                make_7b(path, recipe, n, vocab_from)
+                print(f"wrote {path} ({os.path.getsize(path) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f}s", flush=True)
+    return paths
 
 
-def bench_form(path: str, form: str, prompt: list[int], gen: int, reps: int) -> dict:
-    quants.set_subblock16_form(form)
-    mx.clear_cache()
+def mlx_llama_worker(path: str, reps: int) -> dict:
+    """In a child process: load the file, then `mlx_llama.bench.run`."""
+    import mlx_llama  # noqa: F401
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_llama import bench
+    from mlx_llama.gguf_file import GGUFFile
+    from mlx_llama.loader import load_model
+
     t0 = time.perf_counter()
     model = load_model(GGUFFile(path))
     mx.eval(model.parameters())
     load_s = time.perf_counter() - t0
     held = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-    runs = [run_once(model, prompt, gen) for _ in range(reps + 1)][1:]  # the first warms up
-    out = {"form": form, "load_s": load_s, "mlx_weights_gib": held / 2**30,
-           "pp_tps": max(r[0] for r in runs), "tg_tps": max(r[1] for r in runs),
-           "pp_peak_gib": max(r[2] for r in runs), "tg_peak_gib": max(r[3] for r in runs)}
-    del model
-    quants.set_subblock16_form()
-    return out
+    results = bench.run(model, 512, 128, reps)
+    return {"load_s": load_s, "weights_gib": held / 2**30, "peak_gib": mx.get_peak_memory() / 2**30,
+            **{r.test: [r.mean, r.sd] for r in results}}
 
 
-def gpu_vs_cpu(path: str, tokens: list[int]) -> dict:
-    """The model on the default device in its compact form, in float32 and in its default dtype
-    (float16 on a GPU), against the float32 CPU model: with the same compact weights (the GPU
-    kernels against MLX's CPU ones: float32 rounding) and with every weight expanded exactly
-    (adds the float16 rounding of Q4_K's scales in the compact form)."""
-    with mx.stream(mx.cpu):
-        refs = {name: np.array(load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=expand)(mx.array([tokens]))[0])
-                for name, expand in (("cpu_compact", False), ("cpu_expanded", True))}
-    out = {"logit_scale": float(np.abs(refs["cpu_expanded"]).max())}
-    for name, dtype in (("float32", mx.float32), ("default", None)):
-        ours = np.array(load_model(GGUFFile(path), dtype=dtype, cpu_dequantize=False)(mx.array([tokens]))[0].astype(mx.float32))
-        for ref_name, ref in refs.items():
-            out[f"{name} vs {ref_name}"] = {"top1_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean()),
-                                            "max_abs_dlogit": float(np.abs(ours - ref).max())}
-    return out
+def mlx_lm_worker(group_size: int, reps: int) -> dict:
+    """mlx-lm's Llama at the 7B shape, random weights, 4-bit: pp512 and tg128 with its generate_step."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                           num_attention_heads=32, rms_norm_eps=1e-5, vocab_size=32000, tie_word_embeddings=False)
+    model = llama.Model(args)
+    model.update(nn.utils.tree_map(lambda p: (mx.random.normal(p.shape) * 0.02).astype(mx.float16), model.parameters()))
+    nn.quantize(model, group_size=group_size, bits=4)
+    mx.eval(model.parameters())
+    prompt = mx.array(np.random.default_rng(0).integers(0, 32000, 512))
+    pp, tg = [], []
+    for _ in range(reps + 1):
+        cache = make_prompt_cache(model)
+        t0 = time.perf_counter()
+        mx.eval(model(prompt[None], cache=cache))
+        pp.append(512 / (time.perf_counter() - t0))
+        steps = generate_step(prompt[-1:], model, max_tokens=129, sampler=lambda x: mx.argmax(x, axis=-1))
+        next(steps)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in steps)
+        tg.append(n / (time.perf_counter() - t0))
+    pp, tg = pp[1:], tg[1:]
+    return {"pp512": [float(np.mean(pp)), float(np.std(pp, ddof=1))], "tg128": [float(np.mean(tg)), float(np.std(tg, ddof=1))]}
+
+
+def in_child(fn: str, *args, env: dict | None = None) -> dict:
+    """Run `fn(*args)` of this script in a fresh process (its own memory and MLX state)."""
+    code = f"import json, sys; sys.argv = ['x']; import bench_gpu; print('RESULT' + json.dumps(bench_gpu.{fn}(*{args!r})))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=HERE,
+                       env={**os.environ, **(env or {})})
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        raise RuntimeError(f"{fn}{args} failed:\n{r.stderr[-3000:]}")
+    return json.loads(line[len("RESULT"):])
 
 
 def llama_bench(binary: str, path: str, reps: int) -> dict:
@@ -97,50 +112,87 @@ def llama_bench(binary: str, path: str, reps: int) -> dict:
                          capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    rows = json.loads(out.stdout)
     res = {}
-    for r in rows:
-        key = "pp_tps" if r["n_prompt"] and not r["n_gen"] else "tg_tps"
-        res[key] = r["avg_ts"]
+    for row in json.loads(out.stdout):
+        test = f"pp{row['n_prompt']}" if row["n_prompt"] and not row["n_gen"] else f"tg{row['n_gen']}"
+        res[test] = [row["avg_ts"], row["stddev_ts"]]
+    res["build"] = f"{row.get('build_commit', '?')} ({row.get('backends', '?')})"
     return res
+
+
+def check(path: str) -> dict:
+    """GPU (default dtype and float32) against the float32 CPU model, same compact weights, 16 tokens."""
+    import mlx_llama  # noqa: F401
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_llama.gguf_file import GGUFFile
+    from mlx_llama.loader import load_model
+
+    tokens = mx.array([list(range(100, 1700, 100))])
+    with mx.stream(mx.cpu):
+        ref = np.array(load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False)(tokens)[0])
+    out = {"logit_scale": float(np.abs(ref).max())}
+    for name, dtype in (("float32", mx.float32), ("float16", None)):
+        ours = np.array(load_model(GGUFFile(path), dtype=dtype, cpu_dequantize=False)(tokens)[0].astype(mx.float32))
+        out[name] = {"top1_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean()), "max_abs_dlogit": float(np.abs(ours - ref).max())}
+    return out
+
+
+def table(rows: list[tuple[str, dict]], ref: dict) -> str:
+    lines = [f"| {'engine':44} | {'Q4_0 pp512':>14} | {'Q4_0 tg128':>12} | {'Q4_K_M pp512':>14} | {'Q4_K_M tg128':>12} |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in rows:
+        cells = []
+        for recipe in RECIPES:
+            for test in ("pp512", "tg128"):
+                v = r.get(recipe, {}).get(test)
+                base = ref.get(recipe, {}).get(test)
+                cells.append("—" if v is None else f"{v[0]:,.0f}" + (f" ({v[0] / base[0]:.2f}×)" if base else ""))
+        lines.append(f"| {name:44} | {cells[0]:>14} | {cells[1]:>12} | {cells[2]:>14} | {cells[3]:>12} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/bench7b")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--forms", default="blocks,dense")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--llama-bench", default=None)
-    ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(__file__), "..", "tests", ".cache", "vocab", "ggml-vocab-llama-spm.gguf"),
-                    help="a GGUF whose 32000-token vocabulary the file gets (llama.cpp loads no file without one)")
+    ap.add_argument("--mlx-lm", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--baseline", action="store_true", help="also mlx_llama with its CUDA kernels off")
+    ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--vocab-from", default=os.path.join(HERE, "..", "tests", ".cache", "vocab", "ggml-vocab-llama-spm.gguf"))
     args = ap.parse_args(argv)
 
-    os.makedirs(args.dir, exist_ok=True)
-    paths = {}
-    for layers in (2, args.layers):
-        paths[layers] = os.path.join(args.dir, f"llama2-7b-shape-random-Q4_K_M-{layers}l.gguf")
-        if not os.path.exists(paths[layers]):
-            t0 = time.perf_counter()
-            make_7b(paths[layers], "Q4_K_M", layers, args.vocab_from if os.path.exists(args.vocab_from) else None)
-            print(f"wrote {paths[layers]} ({os.path.getsize(paths[layers]) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f}s", flush=True)
-    path = paths[args.layers]
-    f = GGUFFile(path)
-    tensor_bytes = sum(t.data.nbytes for t in f.tensors.values())
-    print(f"device: {mx.default_device()} | file tensors {tensor_bytes / 2**30:.2f} GiB", flush=True)
-
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, read_config(f).vocab_size, 512).tolist()
-    print("check (2 layers):", json.dumps(gpu_vs_cpu(paths[2], prompt[:16])), flush=True)
-    for form in filter(None, args.forms.split(",")):
-        r = bench_form(path, form, prompt, args.gen, args.reps)
-        print(f"mlx_llama {form:6} | load {r['load_s']:5.1f} s | weights {r['mlx_weights_gib']:.2f} GiB "
-              f"({r['mlx_weights_gib'] * 2**30 / tensor_bytes:.2f}× file) | peak pp {r['pp_peak_gib']:.2f} / tg {r['tg_peak_gib']:.2f} GiB | "
-              f"pp512 {r['pp_tps']:8.1f} tok/s | tg{args.gen} {r['tg_tps']:6.1f} tok/s", flush=True)
+    paths = make_files(args.dir, args.layers, args.vocab_from if os.path.exists(args.vocab_from) else None)
+    results: dict = {}
+    if args.check:
+        for recipe in RECIPES:
+            results[f"check {recipe}"] = in_child("check", paths[recipe, 2])
+            print(f"check {recipe} (2 layers):", json.dumps(results[f"check {recipe}"]), flush=True)
+    rows = []
+    variants = [("mlx_llama", {})] + ([("mlx_llama, CUDA kernels off", {"MLX_LLAMA_CUDA_KERNELS": "0"})] if args.baseline else [])
+    for name, env in variants:
+        r = {recipe: in_child("mlx_llama_worker", paths[recipe, args.layers], args.reps, env=env) for recipe in RECIPES}
+        rows.append((name, r))
+        print(name, json.dumps(r), flush=True)
+    ref = {}
     if args.llama_bench:
-        r = llama_bench(args.llama_bench, path, args.reps)
-        print(f"llama.cpp (llama-bench) | pp512 {r.get('pp_tps', 0):8.1f} tok/s | tg128 {r.get('tg_tps', 0):6.1f} tok/s", flush=True)
+        ref = {recipe: llama_bench(args.llama_bench, paths[recipe, args.layers], args.reps) for recipe in RECIPES}
+        rows.append(("llama.cpp llama-bench (CUDA)", ref))
+        print("llama.cpp", json.dumps(ref), flush=True)
+    if args.mlx_lm:
+        for g in (32,):
+            r = {"Q4_0": in_child("mlx_lm_worker", g, args.reps)}
+            rows.append((f"mlx-lm 4-bit g{g} (vs Q4_0)", r))
+            print(f"mlx-lm g{g}", json.dumps(r), flush=True)
+    results["rows"] = rows
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    print(table(rows, ref))
     return 0
 
 

@@ -162,3 +162,19 @@ def test_context_limits(tiny_gguf):
     prompt_tokens = int(r.stderr.split("prompt: ")[1].split(" tokens")[0])
     generated = int(r.stderr.split("generation: ")[1].split(" tokens")[0])
     assert prompt_tokens + generated == 64
+
+
+def test_bench_table_and_json(tiny_gguf):
+    """`mlx_llama bench`: llama-bench's table (pp and tg rows, tokens/s mean ± sd) and --json."""
+    import json
+
+    path = str(tiny_gguf("Q8_0"))
+    r = run_cli("bench", "-m", path, "-p", "32", "-n", "8", "-r", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split("|")[1:-1] and "t/s" in lines[0] and len(lines) == 4
+    assert "pp32" in lines[2] and "tg8" in lines[3] and "±" in lines[3]
+    j = json.loads(run_cli("bench", "-m", path, "-p", "16", "-n", "0", "-r", "2", "--json").stdout)
+    assert [t["test"] for t in j["tests"]] == ["pp16"] and len(j["tests"][0]["seconds"]) == 2 and j["tests"][0]["tps_mean"] > 0
+    bad = run_cli("bench", "-m", path, "-p", "200", "-n", "100")
+    assert bad.returncode == 2 and "context" in bad.stderr and bad.stderr.count("\n") == 1

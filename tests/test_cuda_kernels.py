@@ -40,7 +40,7 @@ def test_dequantize_is_exact(ggml_type, dtype):
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_matvec_matches_dense(ggml_type, rows):
     """Float32 sums over the exact weights: relative error at float32 rounding."""
-    fields = random_fields(ggml_type, 40, 6, seed=rows)
+    fields = random_fields(ggml_type, 39, 6, seed=rows)  # 39: a block of the Q6_K kernel's rows left partial
     x = mx.random.normal((rows, 6 * 256), key=mx.random.key(rows))
     want = np.array(x).astype(np.float64) @ cpu_values(ggml_type, fields).T.astype(np.float64)
     got = np.array(cuda_kernels.block_matvec(x, ggml_type, fields))
@@ -63,3 +63,128 @@ def test_block_linear_uses_both_paths():
         assert got.shape == (*shape[:-1], 64)
         tol = 3e-3 if tf32 and shape[1] > cuda_kernels.MATVEC_MAX_ROWS else 1e-5
         assert np.abs(got - want).max() <= tol * np.abs(want).max(), shape
+
+
+# -- MLX's affine form: `cuda_affine.matvec` and the layers that use it ------------------------
+
+def affine_weights(rows: int, k: int, bits: int, seed: int):
+    w = mx.random.normal((rows, k), key=mx.random.key(seed)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+    dense = mx.dequantize(wq, scales, biases, group_size=32, bits=bits, dtype=mx.float32)
+    return wq, scales, biases, np.array(dense).astype(np.float64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("nt", [1, 3, 8])
+def test_affine_matvec_float32(bits, nt):
+    """float32 activations: float32 sums of the exactly dequantized weights (K = 1056: a partial
+    last step of the unrolled loop)."""
+    from mlx_llama import cuda_affine
+
+    wq, scales, biases, dense = affine_weights(70, 1056, bits, seed=bits * 10 + nt)  # 70: a partial block of rows
+    x = mx.random.normal((nt, 1056), key=mx.random.key(nt))
+    got = np.array(cuda_affine.matvec(x, wq, scales, biases, bits))
+    want = np.array(x).astype(np.float64) @ dense.T
+    assert got.shape == (nt, 70) and np.abs(got - want).max() <= 2e-6 * np.abs(want).max() * 1056 ** 0.5
+
+
+@pytest.mark.parametrize("tile", [(1, 1, 4), (2, 4, 2), (4, 2, 1), (1, 8, 1)])
+def test_affine_matvec_tiles(tile, monkeypatch):
+    """Every tiling (warps, rows, unroll) gives the same sums (37 rows: a partial block of rows)."""
+    from mlx_llama import cuda_affine
+
+    for name, value in zip(("WARPS", "ROWS_PER_BLOCK", "UNROLL"), tile):
+        monkeypatch.setattr(cuda_affine, name, value)
+    wq, scales, biases, dense = affine_weights(37, 2048, 4, seed=5)
+    x = mx.random.normal((2, 2048), key=mx.random.key(9))
+    got = np.array(cuda_affine.matvec(x, wq, scales, biases, 4))
+    want = np.array(x).astype(np.float64) @ dense.T
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max() * 2048 ** 0.5
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (4, 4), (2, 8)])
+def test_q6_k_matvec_tiles(tile, monkeypatch):
+    monkeypatch.setattr(cuda_kernels, "Q6_K_WARPS", tile[0])
+    monkeypatch.setattr(cuda_kernels, "Q6_K_ROWS", tile[1])
+    fields = random_fields(quants.Q6_K, 37, 9, seed=4)
+    x = mx.random.normal((2, 9 * 256), key=mx.random.key(4))
+    want = np.array(x).astype(np.float64) @ cpu_values(quants.Q6_K, fields).T.astype(np.float64)
+    got = np.array(cuda_kernels.block_matvec(x, quants.Q6_K, fields))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_affine_matvec_half_activations(dtype):
+    """Half activations are read exactly and summed in float32; only the result is rounded."""
+    from mlx_llama import cuda_affine
+
+    wq, scales, biases, dense = affine_weights(256, 4096, 4, seed=3)
+    x = mx.random.normal((1, 1, 4096), key=mx.random.key(7)).astype(dtype)
+    got = np.array(cuda_affine.matvec(x, wq, scales, biases, 4).astype(mx.float32))
+    want = np.array(x.astype(mx.float32)).astype(np.float64).reshape(1, -1) @ dense.T
+    assert got.shape == (1, 1, 256)
+    rel = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
+    assert np.abs(got.reshape(1, -1) - want).max() <= 2 * rel * np.abs(want).max()
+
+
+def test_affine_linear_uses_both_paths():
+    """AffineLinear on the GPU: the matvec up to 8 rows, dequantize + matmul beyond; the same
+    numbers as MLX's quantized matmul on the CPU (TF32 aside: MLX_ENABLE_TF32=1 by default)."""
+    import os
+
+    from mlx_llama.layers import Linear
+
+    tf32 = os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+    layer = Linear(1024, 96, bias=True)
+    layer.update({"weight": mx.random.normal((96, 1024), key=mx.random.key(1)) * 0.05,
+                  "bias": mx.random.normal((96,), key=mx.random.key(2))})
+    layer = layer.to_quantized(group_size=32, bits=4)
+    for shape in [(1, 1, 1024), (1, 8, 1024), (2, 40, 1024)]:
+        x = mx.random.normal(shape, key=mx.random.key(shape[1]))
+        got = np.array(layer(x))
+        with mx.stream(mx.cpu):
+            want = np.array(mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                                                group_size=32, bits=4) + layer.bias)
+        tol = 3e-3 if tf32 and shape[1] > 8 else 1e-5
+        assert got.shape == (*shape[:-1], 96) and np.abs(got - want).max() <= tol * np.abs(want).max(), shape
+
+
+# -- attention for one new token, from the cache's buffers (`cuda_attention`) ------------------
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("d, heads, kv_heads, window", [(64, 8, 2, 0), (128, 4, 4, 5), (256, 4, 1, 0)])
+def test_decode_attention_matches_mlx(dtype, d, heads, kv_heads, window):
+    """Against MLX's fused attention on the cache's valid slice (37 of 256 positions)."""
+    from mlx_llama import cuda_attention
+
+    keys = mx.random.normal((1, kv_heads, 256, d), key=mx.random.key(1)).astype(dtype)
+    values = mx.random.normal((1, kv_heads, 256, d), key=mx.random.key(2)).astype(dtype)
+    q = mx.random.normal((1, heads, 1, d), key=mx.random.key(3)).astype(dtype)
+    length, scale = 37, d ** -0.5
+    start = length - window if window else 0
+    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys[..., start:length, :].astype(mx.float32),
+                                                values[..., start:length, :].astype(mx.float32), scale=scale)
+    got = cuda_attention.decode_attention(q, keys, values, length, scale, window)
+    tol = 1e-5 if dtype == mx.float32 else 2e-3
+    assert got.shape == q.shape and got.dtype == dtype
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decoding_token_by_token_equals_the_full_pass_on_the_gpu(arch, tiny_gguf):
+    """The GPU decode path (affine matvec, fused projections, cache attention, gemma's window)
+    gives the full pass's logits, in float32 (the full pass's matmuls are cuBLAS's, TF32 by MLX's
+    default: ~1e-3 of the largest logit)."""
+    import os
+
+    import mlx_llama
+    from test_tokenizer import vocab_path
+
+    path = tiny_gguf("Q8_0", arch=arch, embed_std=0.5, n_layers=3 if arch == "gemma3" else 2, vocab_from=vocab_path("llama-spm"))
+    model, _ = mlx_llama.load(path, dtype=mx.float32)
+    tokens = list(range(3, 3 + 20 * 7, 7))
+    full = np.array(model(mx.array([tokens]))[0])
+    cache = model.make_cache()
+    steps = [np.array(model(mx.array([tokens[:4]]), cache)[0])] + [np.array(model(mx.array([[t]]), cache)[0]) for t in tokens[4:]]
+    tol = 3e-3 if os.environ.get("MLX_ENABLE_TF32", "1") != "0" else 1e-4
+    np.testing.assert_allclose(np.concatenate(steps), full, atol=tol * np.abs(full).max())

@@ -11,6 +11,7 @@ import warnings
 
 import click
 
+from .bench import bench
 from .chat import chat
 from .common import end_run, fail, show_warning
 from .generate import generate
@@ -43,5 +44,5 @@ def main():
     warnings.showwarning = show_warning
 
 
-for command in (generate, chat, perplexity, info):
+for command in (generate, chat, perplexity, info, bench):
     main.add_command(command)

@@ -114,7 +114,9 @@ def load_model(model_path, cpu_dequantize, verbose):
     else:
         model, tokenizer = _load_share(path, cpu_dequantize)
     if verbose:
-        mode = "float32 (CPU dequantized)" if model.cpu_dequantized else "quantized"
+        from ..quants import subblock16_form
+
+        mode = "float32 (CPU dequantized)" if model.cpu_dequantized else f"quantized (Q2_K/Q6_K: {subblock16_form()})"
         click.echo(f"model: {path}", err=True)
         click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status}", err=True)
         if distributed_world() is not None:

@@ -41,12 +41,12 @@ rows, `(rows, n_blocks, type_size)` uint8, and is vectorized numpy; `decode_tens
 """
 
 from .affine import GROUP, Affine, affine_bits_per_weight
-from .formats import FORMATS, Format, Weight, decode_tensor, set_subblock16_form
+from .formats import FORMATS, Format, Weight, decode_tensor, set_subblock16_form, subblock16_form
 from .ggml import BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, type_name
 from .subblock16 import SUBBLOCK16, Blocks, dense_values, dequantize_blocks, requantize, split_blocks
 
 __all__ = [
-    "FORMATS", "Format", "Weight", "decode_tensor", "set_subblock16_form", "type_name",
+    "FORMATS", "Format", "Weight", "decode_tensor", "set_subblock16_form", "subblock16_form", "type_name",
     "Affine", "GROUP", "affine_bits_per_weight",
     "Blocks", "SUBBLOCK16", "dense_values", "dequantize_blocks", "requantize", "split_blocks",
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",

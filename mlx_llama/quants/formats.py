@@ -71,7 +71,7 @@ FORMATS: dict[int, Format] = {
 }
 
 
-def set_subblock16_form(form: str | int = "blocks") -> None:
+def set_subblock16_form(form: str | int | None = None) -> None:
     """Choose how Q2_K and Q6_K tensors are kept when the weights stay compact (they have no
     exact affine form; the CPU path that expands weights at load is unaffected: gguf's values).
 
@@ -84,12 +84,31 @@ def set_subblock16_form(form: str | int = "blocks") -> None:
     each 32-weight group's range plus the float16 rounding of its minimum (8 → 9 bpw, error ≈
     (max − min) / 510 per group; 6 → 7 bpw, ≈ (max − min) / 126; Q6_K's own step is about
     (max − min) / 63). On SmolLM2's Q6_K file, 8 bits moves the logits by up to ~0.5 and 6 bits
-    by ~2.8 (dense float16: 0.02). Affects tensors decoded afterwards (call before `load`).
+    by ~2.8 (dense float16: 0.02). None: by device (`subblock16_form`). Affects tensors decoded
+    afterwards (call before `load`).
     """
-    if form not in ("blocks", "dense", 2, 3, 4, 5, 6, 8):
+    if form is not None and form not in ("blocks", "dense", 2, 3, 4, 5, 6, 8):
         raise ValueError(f"Q2_K/Q6_K form must be 'blocks', 'dense' or 2, 3, 4, 5, 6, 8 bits (MLX's affine widths), not {form!r}")
-    FORMATS[Q2_K] = _subblock16_format("Q2_K", Q2_K, 84, form)
-    FORMATS[Q6_K] = _subblock16_format("Q6_K", Q6_K, 210, form)
+    global _chosen_form
+    _chosen_form = form
+    for ggml_type in SUBBLOCK16:  # the table shows the chosen form (the blocks when it goes by device)
+        FORMATS[ggml_type] = _subblock16_format(FORMATS[ggml_type].name, ggml_type, FORMATS[ggml_type].type_size,
+                                                "blocks" if form is None else form)
+
+
+_chosen_form: str | int | None = None  # set by `set_subblock16_form`; None: by device
+
+
+def subblock16_form() -> str | int:
+    """The form Q2_K/Q6_K tensors take when kept compact: the one set by `set_subblock16_form`,
+    else by device: the file's blocks on the CPU and on NVIDIA GPUs (CUDA kernels read them), dense
+    float16 on other GPUs (Metal), where every use would dequantize the whole matrix with MLX ops
+    and MLX's own float16 matmul is the fast path."""
+    if _chosen_form is not None:
+        return _chosen_form
+    if mx.default_device() == mx.gpu and not mx.cuda.is_available():
+        return "dense"
+    return "blocks"
 
 
 # -- decoding one tensor ------------------------------------------------------------------------
@@ -131,8 +150,15 @@ def decode_tensor(path: str, t: TensorInfo, dense_dtype: mx.Dtype | None = None,
     return out
 
 
+def format_for(ggml_type: int) -> Format | None:
+    """The form a type takes now (Q2_K/Q6_K: by `subblock16_form`), None when unsupported."""
+    if ggml_type in SUBBLOCK16:
+        return _subblock16_format(FORMATS[ggml_type].name, ggml_type, FORMATS[ggml_type].type_size, subblock16_form())
+    return FORMATS.get(ggml_type)
+
+
 def _format_of(path: str, t: TensorInfo) -> Format:
-    fmt = FORMATS.get(t.ggml_type)
+    fmt = format_for(t.ggml_type)
     if fmt is None:
         supported = ", ".join(f.name for f in FORMATS.values())
         raise GGUFError(path, f"tensor {t.name!r} has unsupported type {type_name(t.ggml_type)} (supported: {supported})")

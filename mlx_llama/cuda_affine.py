@@ -1,0 +1,207 @@
+"""A CUDA matrix-vector product for MLX's affine quantized weights (decoding on NVIDIA GPUs).
+
+Decoding multiplies each weight matrix by one activation row (or a few: a batch), so its time
+is the time to read the weights. MLX's own quantized matvec reads them at ~0.6 TB/s on an H200
+(14% of the card); this kernel is written for the bandwidth:
+
+* a block of WARPS warps takes R rows of W (`_tile`); thread i takes groups i, i + 32·WARPS, …
+  of each row: a group is 32 weights (MLX's group size here), `BITS` consecutive 32-bit words of
+  the packed row, so a 4-bit group is one 16-byte load and a warp reads 512 contiguous bytes per
+  step; UNROLL groups of each row are loaded before any is used, to keep several loads in flight;
+* its float16 scale and bias (one 2-byte load each, contiguous across the warp);
+* the activations' 32 values from global memory through the read-only cache, 16 bytes at a time,
+  once for the block's R rows (read per row, they cost more load instructions than the weights);
+* per group Σ w·x = scale · Σ q·x + bias · Σ x in float32 (MLX's w = scale · q + bias, summed in
+  another order: rounding-level differences), then
+  across the warp with shuffles and across the block's warps in shared memory; written once in
+  the activations' dtype.
+
+Layout (MLX's affine format, `quants.Affine`): w (rows, K · BITS / 32) uint32, value i of a row at
+bits [BITS · i, BITS · (i + 1)) of its little-endian bit stream; scales, biases (rows, K / 32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+GROUP = 32
+MATVEC_MAX_ROWS = 8  # activation rows up to which the matvec beats dequantizing for a matmul
+
+def _tile() -> tuple[int, int, int]:
+    """(warps per block, rows of W per block, groups each thread loads before using them);
+    MLX_LLAMA_AFFINE_TILE="W,R,U" overrides them (for measuring: scripts/check_cuda_kernels.py)."""
+    spec = os.environ.get("MLX_LLAMA_AFFINE_TILE", "")
+    return tuple(int(v) for v in spec.split(",")) if spec else (1, 4, 2)
+
+
+WARPS, ROWS_PER_BLOCK, UNROLL = _tile()
+
+HEADER = r"""
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// 32 consecutive activations as float, read 16 bytes at a time through the read-only cache.
+__device__ __forceinline__ void load32(const float* p, float* v) {
+  const float4* q = reinterpret_cast<const float4*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float4 f = __ldg(q + i);
+    v[4 * i] = f.x; v[4 * i + 1] = f.y; v[4 * i + 2] = f.z; v[4 * i + 3] = f.w;
+  }
+}
+__device__ __forceinline__ void load32(const __half* p, float* v) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 u = __ldg(q + i);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __half22float2(h[k]);
+      v[8 * i + 2 * k] = f.x; v[8 * i + 2 * k + 1] = f.y;
+    }
+  }
+}
+__device__ __forceinline__ void load32(const __nv_bfloat16* p, float* v) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 u = __ldg(q + i);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __bfloat1622float2(h[k]);
+      v[8 * i + 2 * k] = f.x; v[8 * i + 2 * k + 1] = f.y;
+    }
+  }
+}
+
+// The BITS words of one group: 16-byte loads where the group is a whole number of them.
+template <int BITS>
+__device__ __forceinline__ void load_group(const uint32_t* p, uint32_t* q) {
+  if constexpr (BITS % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      q[4 * i] = u.x; q[4 * i + 1] = u.y; q[4 * i + 2] = u.z; q[4 * i + 3] = u.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) q[i] = __ldg(p + i);
+  }
+}
+
+// Value j of a group as float: 2^23 + q has q in its mantissa, so the integer becomes a float
+// with a bit-or and a subtraction (the int-to-float instruction runs at a quarter of the rate).
+template <int BITS>
+__device__ __forceinline__ float group_value(const uint32_t* q, int j) {
+  const int bit = j * BITS, w = bit >> 5, s = bit & 31;
+  uint32_t v = q[w] >> s;
+  if (s + BITS > 32) v |= q[w + 1] << (32 - s);
+  return __uint_as_float(0x4B000000u | (v & ((1u << BITS) - 1u))) - 8388608.0f;
+}
+"""
+
+_MATVEC = r"""
+    // out (NT, ROWS) = x (NT, K) @ W.T; a block of WARPS warps takes R rows of W: thread i of the
+    // block takes groups i, i + 32 WARPS, … of each (for K = 4096 and WARPS = 1: four), and each
+    // group of activations it reads serves the R rows; w · x = s Σ q x + b Σ x per group; sums
+    // across the warp with shuffles and across the block's warps in shared memory
+    constexpr int THREADS = 32 * WARPS;
+    const int row0 = blockIdx.x * R;
+    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    constexpr int G = K / 32;
+    float acc[NT][R];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[t][r] = 0.0f;
+    for (int g0 = tid; g0 < G; g0 += THREADS * UNROLL) {
+        uint32_t q[UNROLL][R][BITS];
+        float s[UNROLL][R], b[UNROLL][R];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int g = g0 + THREADS * u;
+            if (g < G) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const int64_t row = min(row0 + r, ROWS - 1);
+                    load_group<BITS>(w + (row * G + g) * BITS, q[u][r]);
+                    s[u][r] = static_cast<float>(scales[row * G + g]);
+                    b[u][r] = static_cast<float>(biases[row * G + g]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int g = g0 + THREADS * u;
+            if (g >= G) break;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                float xv[32];
+                load32(x + int64_t(t) * K + int64_t(g) * 32, xv);
+                float xs = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 32; ++j) xs += xv[j];
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 32; ++j) dot = fmaf(group_value<BITS>(q[u][r], j), xv[j], dot);
+                    acc[t][r] += fmaf(s[u][r], dot, b[u][r] * xs);
+                }
+            }
+        }
+    }
+    __shared__ float partial[NT][R][WARPS];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[t][r];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) partial[t][r][wid] = v;
+        }
+    __syncthreads();
+    for (int i = tid; i < NT * R; i += THREADS) {
+        const int t = i / R, r = i % R;
+        float v = 0.0f;
+#pragma unroll
+        for (int k = 0; k < WARPS; ++k) v += partial[t][r][k];
+        if (row0 + r < ROWS) out[int64_t(t) * ROWS + row0 + r] = static_cast<OutT>(v);
+    }
+"""
+
+_kernel = None
+
+
+def available() -> bool:
+    """True where the kernel can run: MLX's CUDA backend, default device the GPU (and not turned
+    off with MLX_LLAMA_CUDA_KERNELS=0, for comparing with MLX's own kernels)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available() and os.environ.get("MLX_LLAMA_CUDA_KERNELS", "1") != "0"
+
+
+def supported(bits: int, group_size: int, k: int) -> bool:
+    return group_size == GROUP and bits in (2, 3, 4, 5, 6, 8) and k % GROUP == 0
+
+
+def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows) in x's dtype."""
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(name="mlx_llama_affine_matvec", input_names=["x", "w", "scales", "biases"],
+                                      output_names=["out"], source=_MATVEC, header=HEADER)
+    rows, k = w.shape[0], x.shape[-1]
+    lead = x.shape[:-1]
+    nt = x.size // k
+    r = max(1, ROWS_PER_BLOCK // nt)  # a batch's rows share the registers (no spills past ~4 × 4)
+    return _kernel(
+        inputs=[x.reshape(nt, k), w, scales, biases],
+        template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
+                  ("R", r), ("OutT", x.dtype)],
+        grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
+        output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
+    )[0].reshape(*lead, rows)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# On the GPU host (device tool), after .gpu1/stash.sh in the call before:
+#   phase 1: bash scripts/gpu_session.sh 1   MLX-CUDA set up, llama-bench built in the background,
+#            the CUDA kernel tests, the kernels' speed, the 7B files made, where a token's time
+#            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
+#   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
+# Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+DIR=/tmp/bench7b; mkdir -p "$DIR"
+VOCAB=.gpuwork/ggml-vocab-llama-spm.gguf
+LB=/root/llama.cpp/build/bin/llama-bench
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+if [ "${1:-1}" = final ]; then  # one call on a fresh host: the end-to-end table alone
+  step setup
+  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  step "7B files, check"
+  timeout 200 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  step "wait for llama-bench"
+  for i in $(seq 100); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
+  tail -1 /root/llama.cpp/build.log
+  step "end to end"
+  timeout 330 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = 1 ]; then
+  step setup
+  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
+  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete  # offline
+  step "CUDA kernel tests"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tail -25
+  step "kernel speed"
+  timeout 200 python3 scripts/check_cuda_kernels.py /root/stash/tiles.env 2>&1 | tee "$OUT/kernels.txt"
+  [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # the fastest tiling from here on
+  step "7B files"
+  timeout 250 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  step "where a decoded token's time goes (Q4_0, Q4_K_M)"
+  for r in Q4_0 Q4_K_M; do
+    timeout 60 python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-$r-32l.gguf" 2>&1 | tail -7 | tee "$OUT/profile_$r.txt"
+  done
+  step "kernels per token under Nsight Compute (Q4_0, 2 decode steps)"
+  timeout 100 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
+      python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --ncu --ncu-steps 2 > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+  step "llama-bench build"
+  tail -2 /root/llama.cpp/build.log
+else
+  source /root/stash/env.sh
+  [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # phase 1's fastest tiling
+  step "wait for llama-bench"
+  for i in $(seq 60); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
+  tail -1 /root/llama.cpp/build.log
+  step "end to end"
+  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --baseline --mlx-lm \
+      --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+fi

@@ -1,0 +1,46 @@
+"""What the loader does differently per device, checked on the CPU: projections fused at load
+(`fusion`, on by default on NVIDIA GPUs) give the same numbers, and Q2_K/Q6_K take the form the
+device serves best (`quants.subblock16_form`)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_llama import quants
+from mlx_llama.gguf_file import GGUFFile
+from mlx_llama.loader import load_model
+
+TOKENS = mx.array([list(range(3, 3 + 40 * 7, 7))])
+
+
+@pytest.mark.parametrize("arch, tensor_type, fused", [
+    ("llama", "Q8_0", (True, True)),
+    ("qwen2", "F32", (True, True)),  # biases on q/k/v: fused too
+    ("gemma3", "Q4_0", (True, True)),
+    ("llama", {"default": "Q4_0", "attn_v": "Q8_0"}, (False, True)),  # q/k/v of two forms: kept apart
+])
+def test_fused_projections_are_the_same_numbers(arch, tensor_type, fused, tiny_gguf):
+    path = tiny_gguf(tensor_type, arch=arch, embed_std=0.5, n_layers=3 if arch == "gemma3" else 2)
+    apart = load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False, fuse=False)
+    together = load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False, fuse=True)
+    assert (together.config.fused_qkv, together.config.fused_gate_up) == fused
+    assert ("attn_qkv" in together.blk[0].attn) == fused[0] and "ffn_gate" not in together.blk[0].ffn
+    np.testing.assert_array_equal(np.array(apart(TOKENS)), np.array(together(TOKENS)))
+
+
+def test_subblock16_form_by_device(monkeypatch):
+    """The file's blocks on the CPU and with CUDA, dense float16 on another GPU (Metal); a form set
+    by hand wins."""
+    assert quants.subblock16_form() == "blocks"  # here: the CPU
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert quants.subblock16_form() == "dense"
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert quants.subblock16_form() == "blocks"
+    try:
+        quants.set_subblock16_form(8)
+        assert quants.subblock16_form() == 8
+    finally:
+        quants.set_subblock16_form()
