@@ -101,7 +101,7 @@ def build_tensor_parallel(f, cfg, shapes, world: World, dtype, expand: bool) -> 
     plan = [(name, module_path(name), split.part(name)) for name in shapes]
     inner = Model(split.local_config(), dtype=dtype, cpu_kernels=uses_cpu_kernels(dtype))
     _fill(inner, f, plan, dtype, expand)
-    shard_modules(inner, split, world.group)
+    shard_modules(inner, split, world)
     model = TensorParallelModel(inner, cfg, world)
     model.split, model.cpu_dequantized = split, expand
     return model

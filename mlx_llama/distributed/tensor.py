@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from ..architectures import ModelConfig
 from .base import DistributedModel, Part
-from .world import SameOnEveryRank
+from .world import SameOnEveryRank, World
 
 # FFN units are split in multiples of MLX's affine group (32), or of a Q2_K/Q6_K super-block
 # (256) when ffn_down is kept in those blocks: ffn_down's columns then stay in their compact
@@ -116,9 +116,9 @@ class VocabRows(nn.Module):
     """Rows [start, stop) of the vocabulary: an embedding table (tied or not) or the output
     projection, and the collective that makes each whole again."""
 
-    def __init__(self, layer: nn.Module, split: TensorSplit, group: mx.distributed.Group, output: bool):
+    def __init__(self, layer: nn.Module, split: TensorSplit, world: World, output: bool):
         super().__init__()
-        self.layer, self.group, self.output = layer, group, output
+        self.layer, self.world, self.output = layer, world, output
         self.start, self.stop = split.vocab
         self.width, self.vocab = split.vocab_width, split.cfg.vocab_size
 
@@ -130,7 +130,7 @@ class VocabRows(nn.Module):
         local = ids - self.start
         held = (local >= 0) & (local < self.stop - self.start)
         rows = self.layer(mx.where(held, local, 0))
-        return mx.distributed.all_sum(mx.where(held[..., None], rows, 0), group=self.group)
+        return mx.distributed.all_sum(mx.where(held[..., None], rows, 0), group=self.world.group)
 
     def as_linear(self, h: mx.array) -> mx.array:
         return self.gather(self.layer.as_linear(h))
@@ -140,18 +140,19 @@ class VocabRows(nn.Module):
         lead = part.shape[:-1]
         if part.shape[-1] < self.width:  # the last share is short: pad it to the others' width
             part = mx.pad(part, [(0, 0)] * len(lead) + [(0, self.width - part.shape[-1])])
-        every = mx.distributed.all_gather(part[None], group=self.group)  # (ranks, ..., width)
+        every = self.world.all_gather(part)  # (ranks, ..., width)
         return mx.moveaxis(every, 0, -2).reshape(*lead, -1)[..., : self.vocab]
 
 
-def shard_modules(model: nn.Module, split: TensorSplit, group: mx.distributed.Group) -> None:
+def shard_modules(model: nn.Module, split: TensorSplit, world: World) -> None:
     """Put the collectives in a model built from this rank's shares (`split.local_config()`)."""
+    group = world.group
     for block in model.blk:
         block.attn.attn_output = AllSumLinear(block.attn.attn_output, group)
         block.ffn.ffn_down = AllSumLinear(block.ffn.ffn_down, group)
-    model.token_embd = VocabRows(model.token_embd, split, group, output=False)
+    model.token_embd = VocabRows(model.token_embd, split, world, output=False)
     if "output" in model:
-        model.output = VocabRows(model.output, split, group, output=True)
+        model.output = VocabRows(model.output, split, world, output=True)
 
 
 class TensorParallelModel(DistributedModel):

@@ -10,6 +10,7 @@ every backend, NCCL included, which has no send/recv in MLX.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -18,7 +19,8 @@ from ..errors import MlxLlamaError
 from .faults import Watchdog, outside_deadline
 
 # mx.distributed.init("any") tries NCCL (with CUDA), then ring, MPI, JACCL; we do the same, one
-# by one, so that we know which backend answered (NCCL has no send/recv: see `point_to_point`).
+# by one, so that we know which backend answered (NCCL: see `point_to_point`). NCCL is tried only
+# where `mlx.launch --backend nccl` set it up: MLX's NCCL setup raises when its variables are unset.
 BACKENDS = ("ring", "mpi", "jaccl")
 DEFAULT_TIMEOUT = 120.0  # seconds: connecting, and any one forward pass (MLX_LLAMA_DIST_TIMEOUT)
 
@@ -44,8 +46,17 @@ class World:
 
     @property
     def point_to_point(self) -> bool:
-        """Whether send/recv work (MLX's NCCL backend has only collectives)."""
-        return self.backend != "nccl"
+        """Whether send/recv and all_gather are used: MLX's NCCL backend had only all_sum in
+        some versions, so there everything goes through all_sum (MLX_LLAMA_ALL_SUM_ONLY=1: on
+        any backend, as the tests do to run NCCL's path on CPUs)."""
+        return self.backend != "nccl" and not os.environ.get("MLX_LLAMA_ALL_SUM_ONLY")
+
+    def all_gather(self, x: mx.array) -> mx.array:
+        """Every rank's `x` (the same shape on each), stacked in rank order: (ranks, *x.shape)."""
+        if self.point_to_point:
+            return mx.distributed.all_gather(x[None], group=self.group)
+        mine = mx.arange(self.size).reshape(-1, *[1] * x.ndim) == self.rank  # x in this rank's row, zeros elsewhere
+        return mx.distributed.all_sum(mx.where(mine, x[None], mx.zeros_like(x)[None]), group=self.group)
 
     def share(self, x: mx.array, root: int = 0) -> mx.array:
         """`x` as rank `root` has it, on every rank. On the others `x` only gives the shape and
@@ -68,7 +79,7 @@ class World:
     def agree(self, values: tuple[int, ...], what: str) -> None:
         """Check that every rank has the same `values` (one collective); `what` names them."""
         local = mx.array(list(values), mx.int32)
-        rows = mx.distributed.all_gather(local, group=self.group).reshape(self.size, -1).tolist()
+        rows = self.all_gather(local).tolist()
         for rank, row in enumerate(rows):
             if row != rows[0]:
                 raise SameOnEveryRank(f"rank {rank} has a different {what} than rank 0")
@@ -85,7 +96,7 @@ def connect(timeout: float = DEFAULT_TIMEOUT) -> World:
     single process when there is none. A rank that cannot reach the others within `timeout`
     seconds ends with a one-line error instead of waiting forever."""
     watchdog = Watchdog(timeout)
-    backends = (("nccl",) if mx.cuda.is_available() else ()) + BACKENDS
+    backends = (("nccl",) if mx.cuda.is_available() and os.environ.get("NCCL_HOST_IP") else ()) + BACKENDS
     message = f"could not connect to the other ranks within {timeout:g} s (did every rank start, with the same hostfile?)"
     with outside_deadline(message, timeout + 1), watchdog.deadline(message):  # the first that can act
         for backend in backends:
