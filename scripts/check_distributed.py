@@ -3,9 +3,15 @@
 
     python scripts/check_distributed.py [-m MODEL] [--ranks 2 3] [--modes pipeline tensor]
                                         [--ctx 512] [--chunks 4] [--greedy 48] [--memory-only]
+                                        [--backend ring|nccl] [--dtype float32|float16]
 
-For each configuration the ranks are started on this machine with `mlx.launch --backend ring`
-(each running this script with --worker); the one-process figures come from a worker run alone.
+For each configuration the ranks are started on this machine with `mlx.launch` (each running
+this script with --worker); the one-process figures come from a worker run alone. The backend is
+NCCL where MLX has CUDA (one rank per GPU; NCCL_NVLS_ENABLE=0 unless set), else the ring over
+local processes. Two GPUs of one host (issue 19):
+
+    python scripts/check_distributed.py -m FILE.gguf --ranks 2 --dtype float16 --chunks 0
+
 Printed per configuration: max |Δlogit| over the first 64 tokens of botchan.txt (float32),
 whether `--greedy` greedy tokens are identical, the perplexity of `--chunks` chunks of
 botchan.txt (llama.cpp's method), and each rank's MLX memory after loading as a share of the
@@ -31,6 +37,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 PROMPT = "The capital of France is"
+DTYPES = {"float32": mx.float32, "float16": mx.float16}
 
 
 def worker(args) -> None:
@@ -39,12 +46,13 @@ def worker(args) -> None:
 
     cpu = {"auto": None, "on": True, "off": False}[args.cpu_dequantize]
     if args.mode == "single":
-        model, tokenizer = mlx_llama.load(args.model, dtype=mx.float32, cpu_dequantize=cpu)
+        model, tokenizer = mlx_llama.load(args.model, dtype=DTYPES[args.dtype], cpu_dequantize=cpu)
         rank = 0
     else:
         world = distributed.connect()
         try:
-            model, tokenizer = distributed.load(args.model, args.mode, world, dtype=mx.float32, cpu_dequantize=cpu)
+            model, tokenizer = distributed.load(args.model, args.mode, world, dtype=DTYPES[args.dtype],
+                                                cpu_dequantize=cpu)
         except mlx_llama.MlxLlamaError as e:  # a refused split: every rank has it, rank 0 says it
             if world.rank == 0:
                 print(f"mlx_llama: error: {e}", file=sys.stderr)
@@ -76,14 +84,16 @@ def measure(model, tokenizer, text: str, args) -> dict:
     return {"logits": logits, "greedy": greedy, "ppl": ppl.value if ppl else None}
 
 
-def run(model: str, mode: str, ranks: int, opts: list[str]) -> dict:
+def run(model: str, mode: str, ranks: int, opts: list[str], backend: str = "ring") -> dict:
     """The measurements of one configuration (ranks started by mlx.launch on this machine)."""
     out = tempfile.mkdtemp(prefix="check-dist-")
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "-m", model, "--out", out, *opts]
     if mode != "single":
         launcher = str(Path(sys.executable).with_name("mlx.launch"))
-        cmd = [launcher, "-n", str(ranks), "--backend", "ring", "--starting-port", str(40000 + 100 * ranks), "--", *cmd]
+        ports = ["--starting-port", str(40000 + 100 * ranks)] if backend == "ring" else []
+        cmd = [launcher, "-n", str(ranks), "--backend", backend, *ports, "--", *cmd]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     memory = [json.loads(p.read_text()) for p in sorted(Path(out).glob("memory*.json"))]
     result = {"memory": memory}
@@ -102,6 +112,10 @@ def make_24_layers(path: str) -> None:
     make_tiny(path, tensor_type="F16", n_layers=24, hidden=768, n_heads=12, n_kv_heads=6, ffn=2048, tied=False)
 
 
+def ppl(result: dict) -> str:
+    return "—" if result["ppl"] is None else f"{result['ppl']:.4f}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", default=None)
@@ -112,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--greedy", type=int, default=48)
     p.add_argument("--cpu-dequantize", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--backend", choices=["ring", "nccl"], default="nccl" if mx.cuda.is_available() else "ring")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activations (and dense weights)")
     p.add_argument("--make-24-layers", metavar="PATH")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="single", help=argparse.SUPPRESS)
@@ -128,15 +144,15 @@ def main(argv=None) -> int:
 
     model = args.model or mlx_llama.default_model()
     opts = ["--text", str(botchan()), "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--greedy", str(args.greedy),
-            "--cpu-dequantize", args.cpu_dequantize] + (["--memory-only"] if args.memory_only else [])
+            "--cpu-dequantize", args.cpu_dequantize, "--dtype", args.dtype] + (["--memory-only"] if args.memory_only else [])
     single = run(model, "single", 1, opts)
     if not args.memory_only:
-        print(f"one process: perplexity {single['ppl']:.4f}, greedy {len(single['greedy'])} tokens")
+        print(f"one process: perplexity {ppl(single)}, greedy {len(single['greedy'])} tokens", flush=True)
     print("| mode | ranks | max abs Δlogit | greedy identical | perplexity | weight memory per rank (share of one process) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for mode in args.modes:
         for n in args.ranks:
-            got = run(model, mode, n, opts)
+            got = run(model, mode, n, opts, args.backend)
             if "failed" in got:  # e.g. a key/value head count that does not split over n ranks
                 print(f"| {mode} | {n} | {got['failed']} | | | |")
                 continue
@@ -145,8 +161,8 @@ def main(argv=None) -> int:
                 print(f"| {mode} | {n} | | | | {shares} (limit {1 / n + 0.05:.3f}) |")
                 continue
             delta = float(np.abs(got["logits"] - single["logits"]).max())
-            print(f"| {mode} | {n} | {delta:.2e} | {got['greedy'] == single['greedy']} | {got['ppl']:.4f} | "
-                  f"{shares} (limit {1 / n + 0.05:.3f}) |")
+            print(f"| {mode} | {n} | {delta:.2e} | {got['greedy'] == single['greedy']} | {ppl(got)} | "
+                  f"{shares} (limit {1 / n + 0.05:.3f}) |", flush=True)
     return 0
 
 

@@ -75,12 +75,17 @@ def tiny_files(tiny_gguf):
     return {"tied": tiny_gguf("Q4_1", tied=True, **shape), "untied": tiny_gguf("F32", tied=False, **shape)}
 
 
-# 2 ranks pass everything through all_sum, as over NCCL (pipeline hops, gathered logits)
-@pytest.mark.parametrize("mode, n, which", [("pipeline", 2, "untied"), ("pipeline", 3, "tied"),
-                                            ("tensor", 2, "tied"), ("tensor", 3, "untied")])
-def test_tiny_fixture_as_one_process(tiny_files, tmp_path, mode, n, which):
+SLOW = pytest.mark.slow  # the default run keeps one case of each kind (the suite's time budget)
+
+
+# "all_sum": everything through all_sum, as over NCCL (pipeline hops, gathered logits)
+@pytest.mark.parametrize("mode, n, which, collectives", [
+    ("pipeline", 3, "tied", "p2p"), ("tensor", 2, "tied", "p2p"),
+    pytest.param("pipeline", 2, "untied", "all_sum", marks=SLOW), pytest.param("tensor", 3, "untied", "p2p", marks=SLOW),
+    pytest.param("tensor", 2, "untied", "all_sum", marks=SLOW)])
+def test_tiny_fixture_as_one_process(tiny_files, tmp_path, mode, n, which, collectives):
     path = tiny_files[which]
-    env = {"MLX_LLAMA_ALL_SUM_ONLY": "1"} if n == 2 else None
+    env = {"MLX_LLAMA_ALL_SUM_ONLY": "1"} if collectives == "all_sum" else None
     assert_same_run(worker(path, mode, n, tmp_path, *OPTS, env=env), single(path, **RUN), exact=mode == "pipeline")
 
 
@@ -105,6 +110,7 @@ def random_block_file(tiny_gguf, tmp_path) -> Path:
     return dst
 
 
+@SLOW  # the unit tests check each form's shares (test_distributed.py); this, the whole model
 @pytest.mark.parametrize("n", [2, 3])
 def test_compact_blocks_and_affine_split_exactly(tiny_gguf, tmp_path, n):
     """The weights kept compact (Q6_K blocks, Q4_K affine) give the one-process logits."""
@@ -118,15 +124,15 @@ def test_compact_blocks_and_affine_split_exactly(tiny_gguf, tmp_path, n):
 # -- weight memory: each rank holds its share ------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
-def test_each_rank_holds_its_share(tiny_gguf, tmp_path, mode):
+@pytest.mark.parametrize("mode, n", [("pipeline", 3), ("tensor", 2), pytest.param("pipeline", 2, marks=SLOW),
+                                     pytest.param("tensor", 3, marks=SLOW)])
+def test_each_rank_holds_its_share(tiny_gguf, tmp_path, mode, n):
     """MLX memory after loading, on a 24-layer file whose layers outweigh its vocabulary (the
     few-hundred-MB figure is `test_memory_24_layers_few_hundred_mb`, slow)."""
     path = tiny_gguf("F16", n_layers=24, hidden=384, n_heads=6, n_kv_heads=6, ffn=1024, tied=True)
     whole = worker(path, "single", 1, tmp_path, "--memory-only")["memory"][0]
-    for n in (2, 3):
-        shares = [m / whole for m in worker(path, mode, n, tmp_path, "--memory-only")["memory"]]
-        assert max(shares) <= 1 / n + 0.05, shares
+    shares = [m / whole for m in worker(path, mode, n, tmp_path, "--memory-only")["memory"]]
+    assert len(shares) == n and max(shares) <= 1 / n + 0.05, shares
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -149,6 +155,7 @@ def test_generate_with_mlx_launch(tiny_files):
     assert r.stderr.count("prompt:") == 1 and "error" not in r.stderr
 
 
+@SLOW
 def test_perplexity_command(tiny_files):
     args = ["perplexity", "-f", str(botchan()), "--ctx", "64", "--chunks", "4", "-m", str(tiny_files["tied"])]
     results = Ranks(["-m", "mlx_llama", *args, "--pipeline"], 3).wait(timeout=300)
@@ -168,6 +175,15 @@ def test_chat_lines_reach_every_rank(tiny_files):
     assert results[1] == (0, "", "")
 
 
+def test_bench_command(tiny_files):
+    args = ["bench", "-p", "16", "-n", "4", "-r", "1", "--json", "-m", str(tiny_files["tied"]), "--tensor-parallel"]
+    results = Ranks(["-m", "mlx_llama", *args], 2).wait(timeout=300)
+    report = json.loads(results[0][1])
+    assert [t["test"] for t in report["tests"]] == ["pp16", "tg4"] and all(t["tps_mean"] > 0 for t in report["tests"])
+    assert report["model"]["backend"].endswith(" × 2 (tensor parallel, ring)")
+    assert results[1] == (0, "", "")
+
+
 # -- faults: one line on rank 0, never a hang -----------------------------------------------------
 
 
@@ -184,7 +200,7 @@ def test_gqa_heads_that_do_not_divide_are_one_line(smollm2_path):
     assert results[1][1:] == ("", "")
 
 
-@pytest.mark.parametrize("mode", ["--pipeline", "--tensor-parallel"])
+@pytest.mark.parametrize("mode", ["--pipeline", pytest.param("--tensor-parallel", marks=SLOW)])
 def test_killing_a_rank_ends_the_run(tiny_files, mode):
     run = Ranks(["-m", "mlx_llama", "generate", "--raw", "Once upon a time", "-n", "2000", "--temp", "0",
                  "-m", str(tiny_files["tied"]), mode], 3)
