@@ -124,13 +124,18 @@ def test_compact_blocks_and_affine_split_exactly(tiny_gguf, tmp_path, n):
 # -- weight memory: each rank holds its share ------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode, n", [("pipeline", 3), ("tensor", 2), pytest.param("pipeline", 2, marks=SLOW),
-                                     pytest.param("tensor", 3, marks=SLOW)])
-def test_each_rank_holds_its_share(tiny_gguf, tmp_path, mode, n):
-    """MLX memory after loading, on a 24-layer file whose layers outweigh its vocabulary (the
-    few-hundred-MB figure is `test_memory_24_layers_few_hundred_mb`, slow)."""
+@pytest.fixture(scope="module")
+def layers24(tiny_gguf, tmp_path_factory):
+    """A 24-layer file whose layers outweigh its vocabulary, and its one-process MLX memory."""
     path = tiny_gguf("F16", n_layers=24, hidden=384, n_heads=6, n_kv_heads=6, ffn=1024, tied=True)
-    whole = worker(path, "single", 1, tmp_path, "--memory-only")["memory"][0]
+    return path, worker(path, "single", 1, tmp_path_factory.mktemp("single"), "--memory-only")["memory"][0]
+
+
+@pytest.mark.parametrize("mode, n", [("pipeline", 2), ("tensor", 2), pytest.param("pipeline", 3, marks=SLOW),
+                                     pytest.param("tensor", 3, marks=SLOW)])
+def test_each_rank_holds_its_share(layers24, tmp_path, mode, n):
+    """MLX memory after loading (the few-hundred-MB figure is `test_memory_24_layers_few_hundred_mb`, slow)."""
+    path, whole = layers24
     shares = [m / whole for m in worker(path, mode, n, tmp_path, "--memory-only")["memory"]]
     assert len(shares) == n and max(shares) <= 1 / n + 0.05, shares
 
