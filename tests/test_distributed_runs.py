@@ -170,10 +170,12 @@ def test_perplexity_command(tiny_files):
 
 
 def test_chat_lines_reach_every_rank(tiny_files):
-    """Rank 0 reads the lines; every rank answers them alike (tensor parallel needs them all)."""
+    """Rank 0 reads the lines; every rank answers them alike (tensor parallel needs them all).
+    Everything through all_sum, as over NCCL."""
     args = ["chat", "--chat-template", "chatml", "-n", "12", "--temp", "0", "-m", str(tiny_files["tied"])]
     lines = "Hello there\n/system Be brief.\nAnd again\n"
-    results = Ranks(["-m", "mlx_llama", *args, "--tensor-parallel"], 2, stdin=lines).wait(timeout=300)
+    results = Ranks(["-m", "mlx_llama", *args, "--tensor-parallel"], 2, stdin=lines,
+                    env={"MLX_LLAMA_ALL_SUM_ONLY": "1"}).wait(timeout=300)
     alone = subprocess.run([sys.executable, "-m", "mlx_llama", *args], input=lines, capture_output=True, text=True,
                            timeout=300)
     assert results[0][0] == 0 and results[0][1] == alone.stdout and alone.stdout.count(">>>") == 4
