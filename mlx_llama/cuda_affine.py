@@ -33,7 +33,7 @@ def _tile() -> tuple[int, int, int]:
     """(warps per block, rows of W per block, groups each thread loads before using them);
     MLX_LLAMA_AFFINE_TILE="W,R,U" overrides them (for measuring: scripts/check_cuda_kernels.py)."""
     spec = os.environ.get("MLX_LLAMA_AFFINE_TILE", "")
-    return tuple(int(v) for v in spec.split(",")) if spec else (1, 4, 2)
+    return tuple(int(v) for v in spec.split(",")) if spec else (1, 2, 2)
 
 
 WARPS, ROWS_PER_BLOCK, UNROLL = _tile()

@@ -7,7 +7,7 @@ GPU two `mx.fast.cuda_kernel`s do better:
 * `block_matvec` — x @ W.T for a few rows of x (decoding): each warp walks one weight row's
   blocks (or every SPLIT-th of them, where the rows are too few to fill the GPU) and reads only
   the blocks; sums in float32, reduced with shuffles; a split row's partial sums added after.
-  Q6_K: a block of 4 warps per 2 rows (one read of the activations serves both), 8 threads per 256-weight block, a thread's 32 weights from
+  Q6_K: a warp per 4 rows (one read of the activations serves them), 8 threads per 256-weight block, a thread's 32 weights from
   two 16-byte loads of low bits and two of high bits (the high bits are shared by 4 threads: L1
   serves the repeats), its activations 16 bytes at a time (`cuda_affine.load32`), the row's sum
   in shared memory, written in x's dtype. Q2_K (rare): a lane per weight, split rows.
@@ -160,7 +160,7 @@ def _q6_k_tile() -> tuple[int, int]:
     """(warps per block, rows per block) of the Q6_K matvec; MLX_LLAMA_Q6_K_TILE="W,R" overrides
     them (for measuring: scripts/check_cuda_kernels.py)."""
     spec = os.environ.get("MLX_LLAMA_Q6_K_TILE", "")
-    return tuple(int(v) for v in spec.split(",")) if spec else (4, 2)
+    return tuple(int(v) for v in spec.split(",")) if spec else (1, 4)
 
 
 Q6_K_WARPS, Q6_K_ROWS = _q6_k_tile()

@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_attention, kernels
+from . import kernels
 from .architectures import ModelConfig
 from .cache import KVCache
 from .layers import BlockLinear, Embedding, Linear, block_layer
@@ -133,9 +133,6 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         if self.cpu_kernels:
             out = kernels.attention(q, k, v, self.scale, self.window)
-        elif T == 1 and cache is not None and cuda_attention.available(self.head_dim):
-            # one token: read the cache's buffers directly (no copy of the valid slice, no cuDNN)
-            out = cuda_attention.decode_attention(q, cache.keys, cache.values, cache.offset, self.scale, self.window)
         else:
             out = self.gpu_attention(q, k, v, T)
         # (B, heads, T, head_dim) → (B, T, heads · head_dim); for one token a reshape

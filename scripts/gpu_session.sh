@@ -33,7 +33,7 @@ elif [ "${1:-1}" = 1 ]; then
   step "CUDA kernel tests"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tail -25
   step "kernel speed"
-  timeout 200 python3 scripts/check_cuda_kernels.py /root/stash/tiles.env 2>&1 | tee "$OUT/kernels.txt"
+  timeout 280 python3 scripts/check_cuda_kernels.py /root/stash/tiles.env 2>&1 | tee "$OUT/kernels.txt"
   [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # the fastest tiling from here on
   step "7B files"
   timeout 250 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
