@@ -22,8 +22,11 @@ are measured on (24 layers, untied vocabulary, F16: 464 MB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,7 +93,7 @@ def run(model: str, mode: str, ranks: int, opts: list[str], backend: str = "ring
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "-m", model, "--out", out, *opts]
     if mode != "single":
         launcher = str(Path(sys.executable).with_name("mlx.launch"))
-        ports = ["--starting-port", str(40000 + 100 * ranks)] if backend == "ring" else []
+        ports = ["--starting-port", str(free_ports(ranks))] if backend == "ring" else []
         cmd = [launcher, "-n", str(ranks), "--backend", backend, *ports, "--", *cmd]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
@@ -104,6 +107,19 @@ def run(model: str, mode: str, ranks: int, opts: list[str], backend: str = "ring
         errors = [line for line in r.stderr.splitlines() if line.startswith("mlx_llama: error:")]
         result["failed"] = errors[0] if errors else f"exit status {r.returncode}: {r.stderr[-2000:]}"
     return result
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free on this machine (mlx.launch's ring takes n from it)."""
+    for base in random.Random().sample(range(20000, 60000, 16), 200):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    stack.enter_context(socket.create_server(("127.0.0.1", port))).close()
+            return base
+        except OSError:
+            continue
+    raise SystemExit("no free ports for the ring")
 
 
 def make_24_layers(path: str) -> None:
