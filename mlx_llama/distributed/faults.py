@@ -152,6 +152,9 @@ def excepthook(rank: int):
 
     def hook(kind, value, tb):
         if is_backend_error(value):
+            # a rank that ended closed its link too: the watchdog thread (polling every 0.25 s)
+            # names it and ends the process; this line is for the other cases
+            time.sleep(1.0)
             fatal(f"lost the connection to another rank: it stopped or failed ({value})", rank)
         previous(kind, value, tb)
 
