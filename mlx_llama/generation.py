@@ -71,6 +71,8 @@ def generate_tokens(
         raise MlxLlamaError(f"repeat_last_n {params.repeat_last_n} is more than the model's context of "
                             f"{model.config.context_length} tokens")
     sample = make_sampler(params)
+    if hasattr(model, "shared_sampler"):  # a model over several processes: one samples, all get its token
+        sample = model.shared_sampler(sample)
     cache = cache if cache is not None else model.make_cache()
     n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
     history = mx.array((list(past) + list(prompt))[-n_hist:] if n_hist else [], mx.int32)

@@ -101,23 +101,11 @@ def load_model(
                desc="loading", disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
     for name in shapes:
         t = f.tensors[name]
-        if len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
-            raise GGUFError(f.path, f"tensor {name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
-        # RoPE frequency factors stay float32: float16 would round every angle
-        dense_dtype = mx.float32 if name.startswith("rope_") else dtype
+        check_vector(f, t)
         # In its final form: dense in `dense_dtype` (every weight, when expanding), or compact
         # (Q2_K/Q6_K: the file's blocks by default; see `quants.set_subblock16_form`).
-        decoded = decode_tensor(f.path, t, dense_dtype=dense_dtype, expand=bool(cpu_dequantize))
-        key = module_path(name)
-        path = key[: -len(".weight")]
-        if isinstance(decoded, Affine):
-            quantized[path] = {"group_size": decoded.group_size, "bits": decoded.bits}
-            weights += [(key, decoded.weight), (path + ".scales", decoded.scales), (path + ".biases", decoded.biases)]
-        elif isinstance(decoded, Blocks):
-            blocks[path] = decoded.ggml_type
-            weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
-        else:
-            weights.append((key, decoded))
+        decoded = decode_tensor(f.path, t, dense_dtype=dense_dtype_of(name, dtype), expand=bool(cpu_dequantize))
+        add_weight(module_path(name), decoded, weights, quantized, blocks)
         mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
         bar.update(t.data.nbytes)
     bar.close()
@@ -126,3 +114,28 @@ def load_model(
     mx.clear_cache()  # return the decoding scratch buffers
     return build_model(cfg, weights, dtype=dtype, quantized=quantized, blocks=blocks,
                        cpu_dequantized=bool(cpu_dequantize))
+
+
+def check_vector(f: GGUFFile, t) -> None:
+    if len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
+        raise GGUFError(f.path, f"tensor {t.name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
+
+
+def dense_dtype_of(name: str, dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype a tensor takes when dense: RoPE frequency factors stay float32 (float16 would
+    round every angle), the rest the model's dtype."""
+    return mx.float32 if name.startswith("rope_") else dtype
+
+
+def add_weight(key: str, decoded, weights: list, quantized: dict, blocks: dict) -> None:
+    """File a decoded weight under its module path `key` ('blk.0.attn.attn_q.weight'): its
+    arrays into `weights`, and its layer's form into `quantized` or `blocks`."""
+    path = key[: -len(".weight")]
+    if isinstance(decoded, Affine):
+        quantized[path] = {"group_size": decoded.group_size, "bits": decoded.bits}
+        weights += [(key, decoded.weight), (path + ".scales", decoded.scales), (path + ".biases", decoded.biases)]
+    elif isinstance(decoded, Blocks):
+        blocks[path] = decoded.ggml_type
+        weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
+    else:
+        weights.append((key, decoded))

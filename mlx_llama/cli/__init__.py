@@ -13,7 +13,7 @@ import click
 
 from .bench import bench
 from .chat import chat
-from .common import fail, show_warning
+from .common import end_run, fail, show_warning
 from .generate import generate
 from .info import info
 from .perplexity import perplexity
@@ -24,7 +24,9 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            end_run()  # a distributed run ended well on this rank
+            return result
         except click.exceptions.NoArgsIsHelpError as e:  # `mlx_llama` alone: the help, as click shows it
             click.echo(e.ctx.get_help())
             sys.exit(2)

@@ -8,7 +8,8 @@ import sys
 import click
 
 from ..errors import MlxLlamaError
-from .common import chat_template, fail, import_mlx, load_model, model_options, sampling_options, sampling_params, stats_line, template_options
+from .common import (chat_template, distributed_world, fail, import_mlx, load_model, model_options, read_line, sampling_options,
+                     sampling_params, stats_line, template_options)
 
 CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, Ctrl-C stops an answer, Ctrl-D exits."
 
@@ -59,7 +60,7 @@ def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, ve
     click.echo(CHAT_HELP, err=True)
     while True:
         try:
-            line = input(">>> ")
+            line = read_line(">>> ")
             line.encode("utf-8")
         except EOFError:
             click.echo()
@@ -92,6 +93,10 @@ def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, ve
                 sys.stdout.flush()
             click.echo()
         except KeyboardInterrupt:
+            if distributed_world() is not None:  # the other ranks cannot be stopped mid-answer: the run ends
+                click.echo("\n[interrupted]", err=True)
+                sys.stdout.flush()
+                os._exit(130)
             answer.close()
             click.echo("\n[stopped]", err=True)
         except MlxLlamaError as e:

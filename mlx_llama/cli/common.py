@@ -4,6 +4,7 @@ for models, sampling and templates, and reading a prompt."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import resource
 import sys
@@ -13,7 +14,7 @@ import warnings
 import click
 
 from .. import _blas
-from ..errors import MlxLlamaWarning
+from ..errors import MlxLlamaError, MlxLlamaWarning
 
 
 def fail(message: str) -> None:
@@ -68,7 +69,11 @@ def utf8_text(ctx, param, value):
 
 
 def model_options(f):
-    """-m, --cpu-dequantize/--no-cpu-dequantize and -v, shared by the commands that run a model."""
+    """-m, --cpu-dequantize/--no-cpu-dequantize and -v, shared by the commands that run a model;
+    --pipeline/--tensor-parallel reach `load_model` without the command seeing them."""
+    for flag, help_ in (("--tensor-parallel", "Split every layer's heads and FFN over the ranks started by mlx.launch."),
+                        ("--pipeline", "Split the layers over the ranks started by mlx.launch.")):
+        f = click.option(flag, is_flag=True, expose_value=False, callback=_join_run, help=help_)(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Print the device, weight mode, BLAS and load time.")(f)
     f = click.option(
         "--cpu-dequantize/--no-cpu-dequantize",
@@ -81,24 +86,107 @@ def model_options(f):
     )(f)
 
 
+# A distributed run (--pipeline/--tensor-parallel): the mode, and this process's `World`.
+_RUN: dict = {}
+
+
+def _join_run(ctx, param, value):
+    """Join the run as soon as the flag is parsed, so that from then on only rank 0 prints."""
+    if not value:
+        return
+    mode = "pipeline" if param.name == "pipeline" else "tensor"
+    if _RUN.get("mode", mode) != mode:
+        raise click.UsageError("--pipeline and --tensor-parallel exclude each other")
+    if "world" not in _RUN:
+        import_mlx()
+        from ..distributed import connect, faults
+        from ..distributed.world import DEFAULT_TIMEOUT
+
+        timeout = os.environ.get("MLX_LLAMA_DIST_TIMEOUT", "")
+        try:
+            world = connect(float(timeout) if timeout else DEFAULT_TIMEOUT)
+        except ValueError:
+            fail(f"MLX_LLAMA_DIST_TIMEOUT={timeout!r}: expected a number of seconds")
+        except MlxLlamaError as e:
+            fail(str(e))
+        if world.size > 1:
+            faults.guard_process(world)
+        else:
+            click.echo(f"mlx_llama: warning: {param.opts[0]}: no other ranks (start them with mlx.launch); "
+                       "running in this process alone", err=True)
+        _RUN["world"] = world
+    _RUN["mode"] = mode
+
+
+def distributed_world():
+    """This process's `World` when it runs with --pipeline/--tensor-parallel over several ranks."""
+    world = _RUN.get("world")
+    return world if world is not None and world.size > 1 else None
+
+
 def load_model(model_path, cpu_dequantize, verbose, check_template: bool = True):
-    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr.
-    check_template: the file's own chat template will be used, so render it once first."""
+    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr;
+    this rank's share of them in a distributed run. check_template: the file's own chat template
+    will be used, so render it once first."""
     mx = import_mlx()
     from ..download import default_model
     from ..loader import load
 
     path = model_path or default_model()
     t0 = time.perf_counter()
-    model, tokenizer = load(path, cpu_dequantize=cpu_dequantize, check_template=check_template)
+    if distributed_world() is None:
+        model, tokenizer = load(path, cpu_dequantize=cpu_dequantize, check_template=check_template)
+    else:
+        model, tokenizer = _load_share(path, cpu_dequantize)
     if verbose:
         from ..quants import subblock16_form
 
         mode = "float32 (CPU dequantized)" if model.cpu_dequantized else f"quantized (Q2_K/Q6_K: {subblock16_form()})"
         click.echo(f"model: {path}", err=True)
         click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status}", err=True)
+        if distributed_world() is not None:
+            click.echo(f"ranks: {model.world.size} over {model.world.backend} | {model.describe()}", err=True)
         click.echo(f"loaded in {time.perf_counter() - t0:.2f}s", err=True)
     return model, tokenizer
+
+
+def _load_share(path, cpu_dequantize):
+    from ..distributed import SameOnEveryRank, load
+
+    world = distributed_world()
+    try:
+        return load(path, _RUN["mode"], world, cpu_dequantize=cpu_dequantize)
+    except SameOnEveryRank as e:  # every rank has it: rank 0 says it
+        if world.rank != 0:
+            end_run()  # not a failure of this rank's own
+            sys.exit(2)
+        fail(str(e))
+
+
+def end_run() -> None:
+    """This process is done with the run: its leaving is not a failure (the other ranks would
+    end the run if it left without saying so)."""
+    world = distributed_world()
+    if world is not None and world.watchdog.links is not None:
+        world.watchdog.links.goodbye()
+
+
+def read_line(prompt: str) -> str:
+    """A line the user types (EOFError at the end of input); in a distributed run rank 0 reads
+    it and every rank gets it."""
+    world = distributed_world()
+    if world is None:
+        return input(prompt)
+    line = None
+    if world.rank == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    line = world.share_text(line)
+    if line is None:
+        raise EOFError
+    return line
 
 
 def memory_line(mx) -> str:
@@ -162,6 +250,8 @@ def read_prompt(argument: str | None, option: str | None, path: str | None) -> s
             fail(f"{path}: {e.strerror or e}")
         return _one_newline_less(_utf8(data, path))
     text = argument if argument is not None else option
+    if (text == "-" or text is None) and distributed_world() is not None:
+        fail("in a distributed run, give the prompt as PROMPT, -p or -f: mlx.launch passes stdin on but never closes it")
     if text == "-" or (text is None and not sys.stdin.isatty()):
         text = _one_newline_less(_utf8(sys.stdin.buffer.read(), "stdin")) or None
     if text is None:
