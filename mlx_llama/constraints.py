@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxLlamaError
+from .errors import ConstraintError
 from .tokenizer.alphabet import Attr
 
 try:
@@ -40,14 +40,11 @@ except ImportError:  # the error is raised when a constraint is made, not on imp
     llguidance = None
 
 
-class ConstraintError(MlxLlamaError):
-    """A schema, regex or grammar that cannot be used, or output that cannot continue under it."""
-
-
 # llguidance's JSON defaults allow unbounded whitespace between tokens, which a small model at
-# a high temperature can fill until max_tokens. llama.cpp's JSON grammars allow a space, or
-# up to two newlines and 20 indentation characters; so do ours.
-JSON_OPTIONS = {"whitespace_pattern": r"(?: |\n{1,2}[ \t]{0,20})?"}
+# a high temperature can fill until max_tokens. Ours allow a space, or a newline and up to 20
+# indentation characters: pretty-printed JSON, but no blank lines (llama.cpp's allow two newlines,
+# which SmolLM2 then writes around every key).
+JSON_OPTIONS = {"whitespace_pattern": r"(?: |\n[ \t]{0,20})?"}
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class ChatTemplateSecurityError(ChatTemplateError):
     """The sandbox refused something the template did (dunder attributes, mutating methods…)."""
 
 
+class ConstraintError(MlxLlamaError):
+    """A schema, regex or grammar that cannot be used, or output that cannot continue under it."""
+
+
 class MlxLlamaWarning(UserWarning):
     """Something works, but not as well as it could; the CLI prints it as one line."""
 

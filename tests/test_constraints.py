@@ -24,6 +24,7 @@ from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.sample import SamplingParams, apply_token_mask, make_sampler, process_logits
 from mlx_llama.tokenizer import Tokenizer
 from mlx_llama.tokenizer.alphabet import Attr
+from structured_acceptance import ARITHMETIC_GBNF, ARITHMETIC_LARK, is_arithmetic, make_schemas
 from test_tokenizer import vocab_path
 
 INF = float("inf")
@@ -230,38 +231,6 @@ def test_regex_outputs_match(smollm2, prompt, pattern):
         out = mlx_llama.generate(model, tok, prompt, 30, chat=True, temp=0.8, seed=seed,
                                  constraint=constraints.regex(pattern))
         assert re.fullmatch(pattern, out, re.ASCII), out
-
-
-ARITHMETIC_LARK = r"""
-start: expr
-expr: term (("+" | "-") term)*
-term: factor (("*" | "/") factor)*
-factor: NUMBER | "(" expr ")"
-NUMBER: /[0-9]{1,4}/
-"""
-ARITHMETIC_GBNF = r"""
-root   ::= expr
-expr   ::= term (("+" | "-") term)*
-term   ::= factor (("*" | "/") factor)*
-factor ::= [0-9] [0-9]? [0-9]? [0-9]? | "(" expr ")"
-"""
-
-
-def is_arithmetic(text: str) -> bool:
-    """The grammar's language, checked without it: balanced brackets, numbers between operators."""
-    depth, expect_operand = 0, True
-    for token in re.findall(r"\d{1,4}|[-+*/()]|.", text):
-        if token == "(" and expect_operand:
-            depth += 1
-        elif token == ")" and not expect_operand and depth:
-            depth -= 1
-        elif token.isdigit() and expect_operand:
-            expect_operand = False
-        elif token in "+-*/" and not expect_operand:
-            expect_operand = True
-        else:
-            return False
-    return depth == 0 and not expect_operand
 
 
 @pytest.mark.parametrize("text", [ARITHMETIC_LARK, ARITHMETIC_GBNF], ids=["lark", "gbnf"])
