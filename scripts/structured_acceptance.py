@@ -4,7 +4,7 @@
    and optional fields), one sampled answer each (temperature 0.8, seed = schema number), with
    the schema as a constraint and without; the rate of answers that parse and validate
    (`jsonschema`). Unconstrained answers are counted two ways: the whole answer, and the first
-   JSON value found in it (a ```json fence or the first {...}).
+   JSON object or array found in it (after prose, or in a ```json fence).
 2. Regex and grammar cases (dates, one-of labels, phone numbers, an arithmetic grammar in Lark
    and in GBNF): K sampled answers each, the rate that match.
 3. Decoding speed with a JSON-schema constraint against none, alternating runs of the same
@@ -78,13 +78,10 @@ def schema_prompt(schema: dict) -> str:
 
 
 def first_json(text: str):
-    """The first JSON value in an answer (a ```json fence, else from the first { or [), or None."""
-    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
-    candidates = [fence.group(1)] if fence else []
-    candidates += [text[m.start():] for m in re.finditer(r"[{\[]", text)][:3]
-    for c in candidates:
+    """The first JSON object or array in an answer (after prose or a ```json fence), or None."""
+    for m in list(re.finditer(r"[{\[]", text))[:3]:
         try:
-            return json.JSONDecoder().raw_decode(c.strip())[0]
+            return json.JSONDecoder().raw_decode(text[m.start():])[0]
         except ValueError:
             continue
     return None
@@ -106,22 +103,41 @@ def json_rates(model, tok, schemas, temp: float, max_tokens: int) -> dict:
     for i, schema in enumerate(schemas):
         for constrained in (True, False):
             stats = GenerationStats()
-            text = "".join(stream_generate(model, tok, schema_prompt(schema), max_tokens, chat=True, temp=temp, seed=i,
-                                           stats=stats, constraint=constraints.json_schema(schema) if constrained else None))
-            modes = ["constrained"] if constrained else ["whole", "first JSON"]
-            for mode in modes:
-                r = out[mode]
-                r["cut"] += stats.finish_reason != "stop"
-                r["tokens"] += stats.generated_tokens
+            text = answer(model, tok, schema, i, temp, max_tokens, stats, constrained)
+            for mode in ["constrained"] if constrained else ["whole", "first JSON"]:
+                out[mode]["cut"] += stats.finish_reason == "length"
+                out[mode]["tokens"] += stats.generated_tokens
             if constrained:
                 ok = _parses_valid(text, schema)
                 out["constrained"]["valid"] += ok
-                print(f"schema {i:2d} constrained {'ok ' if ok else 'BAD'} {stats.finish_reason:6} {text[:90]!r}", flush=True)
             else:
                 out["whole"]["valid"] += _parses_valid(text, schema)
                 value = first_json(text)
-                out["first JSON"]["valid"] += value is not None and valid(value, schema)
+                ok = value is not None and valid(value, schema)
+                out["first JSON"]["valid"] += ok
+            print(f"schema {i:2d} {'constrained  ' if constrained else 'unconstrained'} {'ok ' if ok else 'BAD'} "
+                  f"{stats.finish_reason:6} {stats.generated_tokens:3d} tokens {text[:80]!r}", flush=True)
     return out
+
+
+AFTER_JSON = 8  # tokens generated after an unconstrained answer's first JSON value, to see if it ends there
+
+
+def answer(model, tok, schema, seed: int, temp: float, max_tokens: int, stats, constrained: bool) -> str:
+    """One sampled answer. Unconstrained, it is cut AFTER_JSON tokens after its first complete
+    JSON value: what follows cannot change either count (the first value is known, and the
+    whole answer is JSON only if it ends there), and small models ramble on to max_tokens."""
+    text, after = "", None
+    for piece in stream_generate(model, tok, schema_prompt(schema), max_tokens, chat=True, temp=temp, seed=seed,
+                                 stats=stats, constraint=constraints.json_schema(schema) if constrained else None):
+        text += piece
+        if not constrained:
+            if after is None and first_json(text) is not None:
+                after = stats.generated_tokens
+            if after is not None and stats.generated_tokens - after >= AFTER_JSON:
+                stats.finish_reason = "cut after its JSON"
+                break
+    return text
 
 
 def _parses_valid(text: str, schema: dict) -> bool:
@@ -237,7 +253,7 @@ def main(argv=None) -> int:
     tables = []
     if args.schemas:
         rates = json_rates(model, tok, make_schemas(args.schemas), args.temp, args.max_tokens)
-        lines = ["| answers | parse and validate | cut by max tokens | tokens/answer |", "| --- | --- | --- | --- |"]
+        lines = ["| answers | parse and validate | hit max tokens | tokens/answer |", "| --- | --- | --- | --- |"]
         for mode, r in rates.items():
             label = {"constrained": "with the schema as constraint", "whole": "unconstrained, whole answer",
                      "first JSON": "unconstrained, first JSON value in it"}[mode]
