@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import mlx_llama
 from mlx_llama import constraints
-from mlx_llama.cli import main
 from mlx_llama.constraints import ConstraintError
 from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.sample import SamplingParams, apply_token_mask, make_sampler, process_logits
@@ -78,7 +78,7 @@ def test_greedy_takes_the_best_allowed_token_and_bias_cannot_unmask():
 # ---- the vocabulary as llguidance sees it ----------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["smollm2", "llama-spm", "phi-3", "qwen2", "command-r"])
+@pytest.fixture(scope="module", params=["smollm2", "llama-spm", "phi-3", pytest.param("qwen2", marks=pytest.mark.slow), "command-r"])
 def vocab_tokenizer(request, smollm2_path):
     path = smollm2_path if request.param == "smollm2" else vocab_path(request.param)
     return Tokenizer.from_gguf(GGUFFile(path))
@@ -193,6 +193,17 @@ SCHEMA = {
 }
 
 
+def test_sampled_json_validates(smollm2):
+    jsonschema = pytest.importorskip("jsonschema")
+    model, tok = smollm2
+    stats = mlx_llama.GenerationStats()
+    out = mlx_llama.generate(model, tok, "Describe a user as JSON.", 120, chat=True, temp=0.8, seed=0,
+                             constraint=constraints.json_schema(SCHEMA), stats=stats)
+    assert stats.finish_reason == "stop", out
+    jsonschema.validate(json.loads(out), SCHEMA)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("i", range(3))
 def test_sampled_json_validates_against_its_schema(smollm2, i):
     """The first schemas of `scripts/structured_acceptance.py`'s 50, answered as it does."""
@@ -208,24 +219,26 @@ def test_sampled_json_validates_against_its_schema(smollm2, i):
     jsonschema.validate(json.loads(out), schema)
 
 
-def test_pydantic_model_class(smollm2):
+def test_pydantic_model_class(tiny_gguf):
+    """A random model at a high temperature, so every choice is the mask's doing."""
     pydantic = pytest.importorskip("pydantic")
 
     class City(pydantic.BaseModel):
-        name: str = pydantic.Field(max_length=30)
-        population: int = pydantic.Field(ge=0)
+        name: str = pydantic.Field(max_length=12)
+        population: int = pydantic.Field(ge=0, le=10**6)
         capital: bool
 
-    model, tok = smollm2
-    out = mlx_llama.generate(model, tok, "Paris as JSON", 80, chat=True, temp=0,
-                             constraint=constraints.pydantic_model(City))
-    assert City.model_validate_json(out).population >= 0
+    model, tok = mlx_llama.load(tiny_gguf("F32"))
+    for seed in range(3):
+        out = mlx_llama.generate(model, tok, "x", 80, temp=1.5, top_k=0, min_p=0, seed=seed,
+                                 constraint=constraints.pydantic_model(City))
+        assert 0 <= City.model_validate_json(out).population <= 10**6
 
 
 REGEX_CASES = [
-    ("What is today's date?", r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"),
     ("Is 'I loved this film' positive, negative or neutral?", r"positive|negative|neutral"),
-    ("A phone number, please.", r"\(\d{3}\) \d{3}-\d{4}"),
+    pytest.param("What is today's date?", r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", marks=pytest.mark.slow),
+    pytest.param("A phone number, please.", r"\(\d{3}\) \d{3}-\d{4}", marks=pytest.mark.slow),
 ]
 
 
@@ -238,12 +251,12 @@ def test_regex_outputs_match(smollm2, prompt, pattern):
         assert re.fullmatch(pattern, out, re.ASCII), out
 
 
-@pytest.mark.parametrize("text", [ARITHMETIC_LARK, ARITHMETIC_GBNF], ids=["lark", "gbnf"])
+@pytest.mark.parametrize("text", [pytest.param(ARITHMETIC_LARK, marks=pytest.mark.slow), ARITHMETIC_GBNF], ids=["lark", "gbnf"])
 def test_arithmetic_grammar(smollm2, text):
     model, tok = smollm2
     outs = [mlx_llama.generate(model, tok, "Write an arithmetic expression.", 40, chat=True, temp=0.8, seed=seed,
                                constraint=constraints.grammar(text), stats=(stats := mlx_llama.GenerationStats()))
-            for seed in range(2)]
+            for seed in range(1 if text is ARITHMETIC_GBNF else 3)]
     assert stats.finish_reason == "stop"
     assert all(is_arithmetic(o) for o in outs), outs
 
@@ -292,34 +305,41 @@ def test_a_regex_no_text_matches_is_an_error(smol_tokenizer):
         constraints.regex(r"[^\x00-\x{10FFFF}]").matcher(smol_tokenizer).mask()
 
 
-def test_cli_constraint_flags(smollm2_path, tmp_path):
-    runner = CliRunner()
-    base = ["generate", "-m", str(smollm2_path), "-n", "60", "--temp", "0"]
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mlx_llama", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_json_schema_file(smollm2_path, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
+    r = run_cli("generate", "-m", str(smollm2_path), "-n", "60", "--temp", "0", "Describe a user.", "--json-schema", str(schema))
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) >= {"name", "age", "role"}, r.stdout
+
+
+@pytest.mark.slow
+def test_cli_constraint_flags(smollm2_path, tmp_path):
     grammar = tmp_path / "arith.gbnf"
     grammar.write_text(ARITHMETIC_GBNF)
     for prompt, flags, check in [
-        ("Describe a user.", ["--json-schema", str(schema)], lambda s: set(json.loads(s)) >= {"name", "age", "role"}),
         ("Is it raining?", ["--json-schema", json.dumps({"enum": ["yes", "no"]})], lambda s: json.loads(s) in ("yes", "no")),
         ('Write {"a": 1} as JSON.', ["--json"], lambda s: json.loads(s) == {"a": 1}),
         ("A number, please.", ["--regex", r"\d{3}"], lambda s: re.fullmatch(r"[0-9]{3}", s)),
         ("Write a sum.", ["--grammar", str(grammar)], is_arithmetic),
     ]:
-        r = runner.invoke(main, base + [prompt] + flags)
-        assert r.exit_code == 0, (flags, r.output)
+        r = run_cli("generate", "-m", str(smollm2_path), "-n", "60", "--temp", "0", prompt, *flags)
+        assert r.returncode == 0, (flags, r.stderr)
         assert check(r.stdout[:-1]), (flags, r.stdout)
 
 
 def test_cli_bad_constraints_exit_2_with_one_line(tmp_path):
-    runner = CliRunner()
     for flags, expected in [
         (["--json-schema", '{"type": "integer", "minimum": 5, "maximum": 3}'], "JSON schema: Unsatisfiable"),
         (["--json-schema", str(tmp_path / "none.json")], "none.json: No such file"),
         (["--regex", "(a"], "regex: "),
         (["--json", "--regex", "a"], "give one constraint, not --json and --regex"),
     ]:
-        r = runner.invoke(main, ["generate", "hi"] + flags)
-        assert r.exit_code == 2, (flags, r.output)
-        assert r.output.startswith("mlx_llama: error: ") and r.output.count("\n") == 1, (flags, r.output)
-        assert expected in r.output, (flags, r.output)
+        r = run_cli("generate", "hi", *flags)
+        assert r.returncode == 2, (flags, r.stderr)
+        assert r.stderr.startswith("mlx_llama: error: ") and r.stderr.count("\n") == 1, (flags, r.stderr)
+        assert expected in r.stderr, (flags, r.stderr)
