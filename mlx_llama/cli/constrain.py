@@ -1,4 +1,5 @@
-"""The options that constrain `generate`'s output: --json-schema, --json, --regex, --grammar."""
+"""The options that constrain `generate`'s output: --json-schema, --json, --regex, --grammar;
+and tools the model may call: --tools, --tool-choice."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ def constraint_options(f):
         click.option("--regex", metavar="PATTERN", help="The output matches PATTERN whole."),
         click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), metavar="FILE",
                      help="The output is in the language of a grammar: Lark (rule start) or llama.cpp's GBNF (rule root)."),
+        click.option("--tools", "tools_arg", metavar="FILE|JSON",
+                     help="Tools the model may call, OpenAI's form (a JSON list, or a file): the answer is printed "
+                          "as an OpenAI assistant message (JSON), its tool calls parsed."),
+        click.option("--tool-choice", metavar="auto|required|none|NAME", default="auto", show_default=True,
+                     help="With --tools: required or a tool NAME forces a call (constrained to the tool's parameters)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -54,3 +60,49 @@ def _read(path: str, option: str) -> str:
         fail(f"{option} {path}: {e.strerror or e}")
     except UnicodeDecodeError as e:
         fail(f"{option} {path}: not UTF-8 text (byte {e.start})")
+
+
+def read_tools(tools_arg: str | None, tool_choice: str, constrained: bool):
+    """(tools, tool_choice) in OpenAI's form, checked (None without --tools); errors exit 2."""
+    if tools_arg is None:
+        if tool_choice != "auto":
+            fail("--tool-choice needs --tools")
+        return None
+    if constrained:
+        fail("--tools constrains the answer itself: it cannot take --json-schema, --json, --regex or --grammar")
+    import json
+
+    from ..errors import MlxLlamaError
+    from ..tools import check_tools, forced_tools
+
+    text = tools_arg if tools_arg.lstrip().startswith("[") else _read(tools_arg, "--tools")
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(f"--tools: not valid JSON ({e})")
+    choice = tool_choice if tool_choice in ("auto", "required", "none") else {"type": "function", "function": {"name": tool_choice}}
+    try:
+        forced_tools(check_tools(tools), choice)
+    except MlxLlamaError as e:
+        fail(str(e))
+    return tools, choice
+
+
+def answer_with_tools(model, tokenizer, template, prompt: str, system, tools, max_tokens: int, params, stop):
+    """Print the answer as an OpenAI assistant message (one JSON line); return its stats."""
+    import json
+
+    from ..generation import GenerationStats
+    from ..tools import generate_with_tools
+
+    if template is None:
+        fail("--tools needs a chat template (the model file has none: pass --chat-template NAME)")
+    stats = GenerationStats()
+    answer = generate_with_tools(model, tokenizer, prompt, *tools, max_tokens, template=template, system=system,
+                                 stats=stats, params=params, stop=stop)
+    click.echo(json.dumps({**answer.openai(), "finish_reason": _finish(answer, stats)}, ensure_ascii=False))
+    return stats
+
+
+def _finish(answer, stats) -> str:
+    return "tool_calls" if answer.tool_calls else stats.finish_reason
