@@ -178,15 +178,29 @@ class _Vocabulary:
         self.special_token_ids = [i for i in range(n) if _is_special(tokenizer, i, self.tokens[i])] + stops
         self.eos_token_id, self.bos_token_id = stops[0], tokenizer.bos_id
         self.stop_ids = stops
+        self._special = frozenset(self.special_token_ids)
         self._tokenizer = weakref.ref(tokenizer)  # the cache below is keyed by the tokenizer, weakly
         self._fence = _fence(tokenizer) if tokenizer.add_space_prefix else 0
 
     def __call__(self, text: bytes) -> list[int]:
         """The tokens of `text` in the middle of a generation (llguidance passes valid UTF-8)."""
-        encode = self._tokenizer().encode
-        if not self._fence:
-            return encode(text.decode("utf-8", "replace"), add_special=False)
-        return encode(_FENCE + text.decode("utf-8", "replace"), add_special=False)[self._fence:]
+        return self._encode(text.decode("utf-8", "replace"))
+
+    def _encode(self, text: str) -> list[int]:
+        """Text only: a user-defined special token the tokenizer matches in it (`<tool_call>`,
+        which no grammar text may produce) is spelt as its first character and the rest."""
+        tokenizer = self._tokenizer()
+        ids = tokenizer.encode(_FENCE + text if self._fence else text, add_special=False)[self._fence:]
+        if not self._special.intersection(ids):
+            return ids
+        out = []
+        for i in ids:
+            if i in self._special:
+                piece = self.tokens[i].decode("utf-8", "replace")
+                out += self._encode(piece[:1]) + (self._encode(piece[1:]) if piece[1:] else [])
+            else:
+                out.append(i)
+        return out
 
 
 def _fence(tokenizer) -> int:

@@ -30,8 +30,8 @@ import secrets
 from dataclasses import dataclass, field
 
 from .chat_template import ChatTemplate, encode_chat, stop_token_ids
-from .constraints import JSON_OPTIONS, Constraint, _checked, _closed, _need_llguidance, json_schema
-from .errors import ToolCallError
+from .constraints import JSON_OPTIONS, Constraint, _checked, _closed, _is_special, _need_llguidance, json_schema
+from .errors import TemplateRaisedError, ToolCallError
 from .prompt import Prompt
 
 
@@ -171,8 +171,8 @@ def _literal(text: str, tokenizer) -> str:
         if not piece:
             continue
         ids = tokenizer.encode(piece, add_special=False, parse_special=True)
-        if len(ids) == 1 and tokenizer.token_to_piece(ids[0], special=True) == piece.encode() \
-                and ids != tokenizer.encode(piece, add_special=False, parse_special=False):
+        if len(ids) == 1 and _is_special(tokenizer, ids[0], piece.encode()) \
+                and tokenizer.token_to_piece(ids[0], special=True) == piece.encode():
             parts.append(f"<[{ids[0]}]>")
         else:
             parts.append(json.dumps(piece))
@@ -207,7 +207,13 @@ def tool_prompt(tokenizer, template: ChatTemplate, messages: list[dict], tools: 
         tools = None
     else:
         messages = [_with_argument_objects(m) for m in messages]
-    text = template.render(messages, add_generation_prompt=True, tools=tools)
+    try:
+        text = template.render(messages, add_generation_prompt=True, tools=tools)
+    except TemplateRaisedError:  # a template without a system role (gemma): the note goes to the user
+        if fmt is not GENERIC or len(messages) < 2 or messages[0]["role"] != "system":
+            raise
+        first = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1].get('content') or ''}"}
+        text = template.render([first, *messages[2:]], add_generation_prompt=True)
     ids = encode_chat(tokenizer, text)
     return Prompt(ids, tokenizer.stop_ids | stop_token_ids(template, tokenizer), template), fmt
 

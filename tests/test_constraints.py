@@ -236,7 +236,7 @@ def test_pydantic_model_class(tiny_gguf):
 
 
 REGEX_CASES = [
-    ("Is 'I loved this film' positive, negative or neutral?", r"positive|negative|neutral"),
+    pytest.param("Is 'I loved this film' positive, negative or neutral?", r"positive|negative|neutral", marks=pytest.mark.slow),
     pytest.param("What is today's date?", r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", marks=pytest.mark.slow),
     pytest.param("A phone number, please.", r"\(\d{3}\) \d{3}-\d{4}", marks=pytest.mark.slow),
 ]
@@ -251,12 +251,13 @@ def test_regex_outputs_match(smollm2, prompt, pattern):
         assert re.fullmatch(pattern, out, re.ASCII), out
 
 
-@pytest.mark.parametrize("text", [pytest.param(ARITHMETIC_LARK, marks=pytest.mark.slow), ARITHMETIC_GBNF], ids=["lark", "gbnf"])
+@pytest.mark.slow  # the default run has the grammars on a random model
+@pytest.mark.parametrize("text", [ARITHMETIC_LARK, ARITHMETIC_GBNF], ids=["lark", "gbnf"])
 def test_arithmetic_grammar(smollm2, text):
     model, tok = smollm2
     outs = [mlx_llama.generate(model, tok, "Write an arithmetic expression.", 40, chat=True, temp=0.8, seed=seed,
                                constraint=constraints.grammar(text), stats=(stats := mlx_llama.GenerationStats()))
-            for seed in range(1 if text is ARITHMETIC_GBNF else 3)]
+            for seed in range(3)]
     assert stats.finish_reason == "stop"
     assert all(is_arithmetic(o) for o in outs), outs
 
@@ -273,6 +274,12 @@ def test_random_model_with_a_sentencepiece_vocabulary_still_matches(tiny_gguf, v
         assert set(json.loads(out)) == {"ok", "n"}, out
         date = mlx_llama.generate(model, tok, "x", 20, temp=1.5, seed=seed, constraint=constraints.regex(r"\d{4}-\d{2}"))
         assert re.fullmatch(r"[0-9]{4}-[0-9]{2}", date), date
+        for text in (ARITHMETIC_LARK, ARITHMETIC_GBNF):
+            stats = mlx_llama.GenerationStats()
+            expr = mlx_llama.generate(model, tok, "x", 40, temp=1.5, seed=seed, stats=stats, constraint=constraints.grammar(text))
+            # whole, or cut by max_tokens: a start of one (no letters, no bracket closed before it opens)
+            closed = [expr + tail + ")" * (expr.count("(") - expr.count(")")) for tail in ("", "1")]
+            assert is_arithmetic(expr) if stats.finish_reason == "stop" else any(map(is_arithmetic, closed)), expr
     # text the grammar forces is spelt in the tokenizer's own tokens, with no SentencePiece space
     forced = mlx_llama.generate(model, tok, "x", 20, temp=1.5, constraint=constraints.regex(r"ab<\|x\|>\n12"))
     assert forced == "ab<|x|>\n12"
