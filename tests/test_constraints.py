@@ -316,6 +316,7 @@ def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "mlx_llama", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the README runs a shorter one (tests/test_readme.py)
 def test_cli_json_schema_file(smollm2_path, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
