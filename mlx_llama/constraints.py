@@ -109,6 +109,23 @@ def _closed(schema):
     return out
 
 
+def response_format(spec) -> Constraint | None:
+    """The constraint of an OpenAI `response_format`: {"type": "text"} (None), {"type":
+    "json_object"}, or {"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object()
+    if kind == "json_schema":
+        inner = spec.get("json_schema")
+        if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), (dict, bool)):
+            raise ConstraintError("response_format.json_schema: expected {\"name\": ..., \"schema\": {...}}")
+        return json_schema(inner.get("schema", {}))  # no schema: any JSON (OpenAI requires one)
+    raise ConstraintError(f"response_format: expected type \"text\", \"json_object\" or \"json_schema\", "
+                          f"not {json.dumps(kind if kind is not None else spec)}")
+
+
 def regex(pattern: str) -> Constraint:
     """Output that matches `pattern` whole (Rust `regex` syntax, close to Python's); `\\d` is
     [0-9], as in llama.cpp's grammars (Unicode's digits would let a model write 🯸 for 8)."""

@@ -297,6 +297,9 @@ BAD = [
     (lambda: constraints.grammar("start: ("), "Expected token"),
     (lambda: constraints.grammar("root ::= foo"), "Rule 'foo' not found"),
     (lambda: constraints.pydantic_model(dict), "not a pydantic model"),
+    (lambda: constraints.response_format({"type": "xml"}), 'response_format: expected type "text", "json_object" or "json_schema", not "xml"'),
+    (lambda: constraints.response_format({"type": "json_schema", "json_schema": {"schema": 3}}), "response_format.json_schema: expected"),
+    (lambda: constraints.response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}), "Invalid type"),
 ]
 
 
@@ -305,6 +308,18 @@ def test_bad_constraints_are_one_line_errors(make, message):
     with pytest.raises(ConstraintError, match=re.escape(message)) as e:
         make()
     assert "\n" not in str(e.value)
+
+
+def test_response_format(smol_tokenizer):
+    """OpenAI's response_format: text is no constraint; json_object and json_schema are
+    llguidance's, so their first masks equal those of the same constraint made directly."""
+    assert constraints.response_format({"type": "text"}) is None
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for spec, same in [({"type": "json_object"}, constraints.json_object()),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}},
+                        constraints.json_schema(schema))]:
+        made = constraints.response_format(spec)
+        assert made.spec == same.spec and first_mask(smol_tokenizer, made) == first_mask(smol_tokenizer, same)
 
 
 def test_a_regex_no_text_matches_is_an_error(smol_tokenizer):
