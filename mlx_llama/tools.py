@@ -136,6 +136,32 @@ def _call_schema(fmt: ToolFormat, schemas: dict[str, dict], names: list[str]) ->
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
+def _hoisted(schema: dict) -> dict:
+    """`schema` with the parameters' definitions (`$defs`, `definitions`: pydantic writes them)
+    moved to its root, where their `#/$defs/…` references point once the parameters are nested."""
+    found: dict[str, dict] = {}
+
+    def walk(node):
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if k in ("$defs", "definitions") and isinstance(v, dict):
+                found.setdefault(k, {}).update(v)
+            elif k == "properties" and isinstance(v, dict):  # names, not keywords
+                out[k] = {name: walk(p) for name, p in v.items()}
+            else:
+                out[k] = walk(v)
+        return out
+
+    root = walk(schema)
+    for key, defs in list(found.items()):  # pydantic writes every definition at its top level
+        root[key] = {name: walk(d) for name, d in list(defs.items())}
+    return root
+
+
 def tool_constraint(fmt: ToolFormat, schemas: dict[str, dict], tool_choice, tokenizer) -> Constraint | None:
     """What the answer must match: a call of one of the forced tools, in the format; for the
     generic format also a text response when the model may choose. None: unconstrained."""
@@ -148,11 +174,11 @@ def tool_constraint(fmt: ToolFormat, schemas: dict[str, dict], tool_choice, toke
         if not names:
             options.append({"type": "object", "properties": {"response": {"type": "string"}},
                             "required": ["response"], "additionalProperties": False})
-        return json_schema(options[0] if len(options) == 1 else {"anyOf": options})
+        return json_schema(_hoisted(options[0] if len(options) == 1 else {"anyOf": options}))
     if not names:
         return None
     _need_llguidance()
-    schema = {**_call_schema(fmt, schemas, names), "x-guidance": JSON_OPTIONS}
+    schema = {**_hoisted(_call_schema(fmt, schemas, names)), "x-guidance": JSON_OPTIONS}
     lark = f"start: {_literal(fmt.before, tokenizer)} call {_literal(fmt.after, tokenizer)}\ncall: %json {json.dumps(schema)}\n"
     import llguidance
 

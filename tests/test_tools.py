@@ -167,6 +167,20 @@ def test_a_forced_call_parses_and_validates(hermes_model, choice):
         assert stats.tokens[0] == 3 and stats.tokens[-1] == 4  # the markers are the special tokens
 
 
+def test_parameters_with_definitions(hermes_model):
+    """pydantic's parameters refer to `#/$defs/…`; nested in a call, they still resolve."""
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                                  "required": ["x"]}},
+              "type": "object", "properties": {"at": {"$ref": "#/$defs/Point"}}, "required": ["at"]}
+    tools = [{"type": "function", "function": {"name": "go", "parameters": params}}]
+    model, tok = hermes_model
+    for seed in range(2):
+        (call,) = generate_with_tools(model, tok, "x", tools, "required", 200, temp=1.5, seed=seed).tool_calls
+        jsonschema.validate(call.arguments, params)
+        assert set(call.arguments) == {"at"} and set(call.arguments["at"]) == {"x"}
+
+
 def test_text_that_spells_a_special_token_is_not_that_token(hermes_model):
     """Forced text `<tool_call>` (a regex) is spelt in plain tokens, though the tokenizer would
     match the user-defined token in it: no grammar text may produce a special token."""
