@@ -100,10 +100,10 @@ def valid(value, schema) -> bool:
         return False
 
 
-def json_rates(model, tok, schemas, temp: float, max_tokens: int) -> dict:
+def json_rates(model, tok, schemas, temp: float, max_tokens: int, first: int = 0) -> dict:
     """Per mode: answers valid, answers cut by max_tokens, tokens generated."""
     out = {m: {"valid": 0, "cut": 0, "tokens": 0} for m in ("constrained", "whole", "first JSON")}
-    for i, schema in enumerate(schemas):
+    for i, schema in enumerate(schemas, first):
         for constrained in (True, False):
             stats = GenerationStats()
             text = answer(model, tok, schema, i, temp, max_tokens, stats, constrained)
@@ -246,6 +246,7 @@ def speed(model, tok, runs: int, tokens: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemas", type=int, default=50)
+    ap.add_argument("--first", type=int, default=0, help="start at this schema (to split a run across processes)")
     ap.add_argument("--cases", type=int, default=10, help="sampled answers per regex/grammar case")
     ap.add_argument("--speed-runs", type=int, default=5)
     ap.add_argument("--speed-tokens", type=int, default=128)
@@ -258,7 +259,8 @@ def main(argv=None) -> int:
 
     tables = []
     if args.schemas:
-        rates = json_rates(model, tok, make_schemas(args.schemas), args.temp, args.max_tokens)
+        rates = json_rates(model, tok, make_schemas(args.first + args.schemas)[args.first:], args.temp, args.max_tokens,
+                           args.first)
         lines = ["| answers | parse and validate | hit max tokens | tokens/answer |", "| --- | --- | --- | --- |"]
         for mode, r in rates.items():
             label = {"constrained": "with the schema as constraint", "whole": "unconstrained, whole answer",
