@@ -21,7 +21,7 @@ from mlx_llama.chat_template import ChatTemplate
 from mlx_llama.errors import ToolCallError
 from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.tools import (FORMATS, GENERIC, check_tools, forced_tools, generate_with_tools, parse_tool_calls,
-                             tool_format, tool_prompt)
+                             tool_constraint, tool_format, tool_prompt)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -137,6 +137,37 @@ def test_bad_requests_are_one_line_errors(make, message):
 
 
 # ---- constrained calls -----------------------------------------------------------------------
+
+
+def accepts(constraint, tokenizer, text: str) -> bool:
+    """Whether the constraint takes `text` whole (in the tokenizer's tokens), then may end."""
+    m = constraint.matcher(tokenizer)
+    try:
+        for t in tokenizer.encode(text, add_special=False):
+            m.mask()
+            m.advance(t)
+        m.mask()
+    except mlx_llama.ConstraintError:
+        return False
+    return m._matcher.is_accepting()
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, GENERIC], ids=lambda f: f.name)
+def test_the_forced_call_in_each_format(smol_tokenizer, fmt):
+    """A call of the forced tool, as its format writes it, is taken; another tool, an extra or
+    missing argument, or the markers left out are not."""
+    constraint = tool_constraint(fmt, check_tools(TOOLS), {"type": "function", "function": {"name": "add"}}, smol_tokenizer)
+
+    def call(body: str) -> str:
+        return f'{{"tool_call": {body}}}' if fmt is GENERIC else fmt.before + body + fmt.after
+
+    key = fmt.arguments
+    assert accepts(constraint, smol_tokenizer, call(f'{{"name": "add", "{key}": {{"a": 1, "b": -2}}}}'))
+    for bad in [call(f'{{"name": "get_weather", "{key}": {{"city": "Oslo"}}}}'),
+                call(f'{{"name": "add", "{key}": {{"a": 1, "b": 2, "c": 3}}}}'),
+                call(f'{{"name": "add", "{key}": {{"a": 1}}}}')] + \
+            ([f'{{"name": "add", "{key}": {{"a": 1, "b": 2}}}}'] if fmt.before else []):
+        assert not accepts(constraint, smol_tokenizer, bad), bad
 
 
 @pytest.fixture(scope="module")
