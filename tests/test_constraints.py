@@ -78,7 +78,8 @@ def test_greedy_takes_the_best_allowed_token_and_bias_cannot_unmask():
 # ---- the vocabulary as llguidance sees it ----------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["smollm2", "llama-spm", "phi-3", pytest.param("qwen2", marks=pytest.mark.slow), "command-r"])
+@pytest.fixture(scope="module", params=["smollm2", "llama-spm", "phi-3", pytest.param("qwen2", marks=pytest.mark.slow),
+                                                  pytest.param("command-r", marks=pytest.mark.slow)])
 def vocab_tokenizer(request, smollm2_path):
     path = smollm2_path if request.param == "smollm2" else vocab_path(request.param)
     return Tokenizer.from_gguf(GGUFFile(path))
