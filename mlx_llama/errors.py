@@ -47,6 +47,14 @@ class ChatTemplateLimitError(ChatTemplateError):
     build a huge number or string): see `chat_template.RenderLimits`."""
 
 
+class ConstraintError(MlxLlamaError):
+    """A schema, regex or grammar that cannot be used, or output that cannot continue under it."""
+
+
+class ToolCallError(MlxLlamaError):
+    """Tools or a tool_choice that cannot be used (not OpenAI's form, an unknown tool name)."""
+
+
 class MlxLlamaWarning(UserWarning):
     """Something works, but not as well as it could; the CLI prints it as one line."""
 

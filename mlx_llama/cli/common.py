@@ -290,4 +290,6 @@ def stats_line(stats, mx, verbose: bool) -> str:
     )
     if verbose:
         line += f" | time to first token: {stats.prompt_seconds:.2f}s"
+        if stats.constraint_seconds:
+            line += f" | constraint: {stats.constraint_seconds / max(stats.generated_tokens, 1) * 1e3:.2f} ms/token"
     return f"{line} | {memory_line(mx)}"

@@ -121,6 +121,9 @@ class Tokenizer:
 
     # -- decoding -------------------------------------------------------------------------------
 
+    def token_attr(self, token_id: int) -> int:
+        """llama.cpp's attribute bits of one token (`llama_token_get_attr`): `alphabet.Attr` flags."""
+        return self._attr[token_id]
 
     def token_to_piece(self, token_id: int, special: bool = False) -> bytes:
         """The bytes of one token (llama.cpp's `llama_token_to_piece` with lstrip=0).
