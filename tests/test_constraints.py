@@ -172,7 +172,7 @@ def test_mask_n_plus_1_is_computed_after_forward_n_plus_1_is_queued():
 
     rec = Recorder()
     sample = make_sampler(SamplingParams(temp=0))
-    tokens = list(_constrained_decode(rec, None, mx.zeros((1, 64)), lambda x, m: sample(x, None, m), rec, 3))
+    tokens = list(_constrained_decode(rec, None, mx.zeros((1, 64)), lambda x, m: (sample(x, None, m), mx.isfinite(x).all()), rec, 3))
     # the first mask overlaps the prefill; then each token: forward queued, advance, next mask
     assert rec.events == ["mask", "forward", f"advance {tokens[0]}", "mask",
                           "forward", f"advance {tokens[1]}", "mask", f"advance {tokens[2]}"]

@@ -106,6 +106,15 @@ def test_non_finite_logits_stop_generation(overflowing):
         mlx_llama.generate(model, tokenizer, "Hello", 4, temp=0)
 
 
+def test_non_finite_logits_stop_constrained_generation(overflowing):
+    """Under a constraint too: NaN logits are not masked into a token."""
+    from mlx_llama import constraints
+
+    model, tokenizer = mlx_llama.load(overflowing)
+    with pytest.raises(NonFiniteError, match="after 0 generated tokens"):
+        mlx_llama.generate(model, tokenizer, "Hello", 4, temp=0, constraint=constraints.regex("[a-z]+"))
+
+
 def test_cli_prints_one_error_line_and_no_tokens(overflowing):
     r = subprocess.run([sys.executable, "-m", "mlx_llama", "generate", "-m", str(overflowing), "--raw", "Hello", "-n", "4"],
                        capture_output=True, text=True, timeout=120)
