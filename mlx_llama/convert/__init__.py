@@ -1,0 +1,1 @@
+"""Conversions (in progress)."""
