@@ -13,6 +13,7 @@ import click
 
 from .chat import chat
 from .common import fail, show_warning
+from .convert import convert
 from .generate import generate
 from .info import info
 from .perplexity import perplexity
@@ -41,5 +42,5 @@ def main():
     warnings.showwarning = show_warning
 
 
-for command in (generate, chat, perplexity, info):
+for command in (generate, chat, perplexity, info, convert):
     main.add_command(command)

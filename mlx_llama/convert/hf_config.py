@@ -126,7 +126,8 @@ def phi3_attn_factor(context: int, original: int) -> float:
 
 
 def _gemma3(cfg: ModelConfig, hf: dict, path) -> None:
-    hf["query_pre_attn_scalar"] = cfg.query_scale ** -2
+    scalar = cfg.query_scale ** -2
+    hf["query_pre_attn_scalar"] = round(scalar) if math.isclose(scalar, round(scalar), rel_tol=1e-9) else scalar  # transformers wants an int
     hf["hidden_activation"] = "gelu_pytorch_tanh"
     hf["rope_local_base_freq"] = cfg.rope_theta_swa
     if not cfg.sliding_window:  # every layer global
@@ -174,7 +175,7 @@ def _llama3_scaling(factors: np.ndarray, cfg: ModelConfig) -> dict:
     if np.allclose(llama3_factors(cfg.rope_dims, cfg.rope_theta, guess), factors, rtol=1e-6, atol=0):
         return guess
     values = [float(x) for x in factors]
-    return {"rope_type": "longrope", "type": "longrope", "long_factor": values, "short_factor": values,
+    return {"rope_type": "longrope", "type": "longrope", "factor": 1.0, "long_factor": values, "short_factor": values,
             "original_max_position_embeddings": cfg.context_length}
 
 
