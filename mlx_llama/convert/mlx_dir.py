@@ -173,6 +173,8 @@ class ModelDir:
 
 
 def _read_config(path: Path) -> dict:
+    if not (path / CONFIG).is_file():
+        raise DirError(path, "not a GGUF file or a model directory (no config.json)")
     try:
         with open(path / CONFIG, encoding="utf-8") as fh:
             config = json.load(fh)
