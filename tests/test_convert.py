@@ -105,6 +105,7 @@ def mlx_lm_outputs(converted, tiny_gguf, tmp_path_factory):
     return run_mlx_lm([{"dir": d, "tokens": TOKENS, "prompt": PROMPT, "max_tokens": 12} for d in dirs], root)
 
 
+@pytest.mark.slow  # mlx-lm's start-up and its runs: ~1 minute
 @pytest.mark.parametrize("arch", ARCHES)
 def test_mlx_lm_runs_every_architecture(converted, mlx_lm_outputs, arch):
     i = ARCHES.index(arch)
@@ -114,21 +115,25 @@ def test_mlx_lm_runs_every_architecture(converted, mlx_lm_outputs, arch):
     assert_same_greedy(ours, gaps, list(mlx_lm_outputs[f"generated_{i}"]), tolerance=1e-3)
 
 
-def test_float16_and_sharded_directories(tiny_gguf, mlx_lm_outputs, tmp_path):
-    path = tiny(tiny_gguf, "llama")
-    reference = logits(path)
+@pytest.mark.slow
+def test_mlx_lm_runs_float16_and_sharded_directories(tiny_gguf, mlx_lm_outputs):
+    reference = logits(tiny(tiny_gguf, "llama"))
     # float16 (the default): norms and scales in float16 as mlx-lm keeps them, computed in float16
     # (~2⁻¹¹ per operation); a wrong weight would move logits by their whole size
     half = mlx_lm_outputs[f"logits_{len(ARCHES)}"]
     assert np.abs(half - reference).max() < 0.02 * np.abs(reference).max()
     assert np.mean(half.argmax(-1) == reference.argmax(-1)) >= 0.95
+    np.testing.assert_allclose(mlx_lm_outputs[f"logits_{len(ARCHES) + 1}"], reference, atol=1e-4)
+
+
+def test_sharded_directory(tiny_gguf, tmp_path):
+    path = tiny(tiny_gguf, "llama")
     gguf_to_mlx(path, tmp_path / "sharded", dtype="float32", max_shard_bytes=300_000)
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
-    np.testing.assert_array_equal(logits(tmp_path / "sharded"), reference)
-    np.testing.assert_allclose(mlx_lm_outputs[f"logits_{len(ARCHES) + 1}"], reference, atol=1e-4)
+    np.testing.assert_array_equal(logits(tmp_path / "sharded"), logits(path))
 
 
 def test_quantized_types_keep_their_values(tmp_path, tiny_gguf):
@@ -207,3 +212,72 @@ def test_directories_mlx_llama_cannot_load_are_one_line_errors(tmp_path, convert
         r = subprocess.run([sys.executable, "-m", "mlx_llama", "generate", "-m", str(directory), "hi", "-n", "1"],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def mlx_quantize(src: Path, out: Path, bits: int, group_size: int) -> None:
+    """The float directory `src` quantized as `mlx_lm convert -q` does: every matrix whose rows
+    are whole groups through `mx.quantize`, one "quantization" entry in config.json."""
+    out.mkdir()
+    for f in src.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    weights = mx.load(str(src / "model.safetensors"))
+    for name, w in list(weights.items()):
+        if w.ndim == 2 and w.shape[-1] % group_size == 0:
+            module = name[: -len(".weight")]
+            weights[name], weights[f"{module}.scales"], weights[f"{module}.biases"] = mx.quantize(w, group_size, bits)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    (out / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def float_dir(tiny_gguf, tmp_path_factory):
+    """A float16 mlx-lm directory of a float tiny Llama: what mlx-lm quantizes."""
+    out = tmp_path_factory.mktemp("float") / "f16"
+    gguf_to_mlx(tiny_gguf("F32", tied=False), out)
+    return out
+
+
+@pytest.mark.parametrize("bits, group_size, target", [(4, 32, "Q4_1"), (3, 64, "Q4_1"), (5, 32, "Q5_1"), (8, 32, "Q8_0")])
+def test_mlx_quantized_directory_to_gguf(float_dir, tmp_path, bits, group_size, target):
+    """MLX affine ≤ 5-bit weights keep their numbers in Q4_1/Q5_1 (and, from groups of 32, come
+    back as the same arrays); 8-bit ones become Q8_0, the error measured and reported."""
+    mlx_quantize(float_dir, tmp_path / "q", bits, group_size)
+    reports = {r.source: r for r in to_gguf(tmp_path / "q", tmp_path / "q.gguf")}
+    report = reports[f"affine {bits}-bit, group {group_size}"]
+    assert report.target == target and report.tensors == 2 * 7 + 2  # every matrix, embeddings and output included
+    model, _ = mlx_llama.load(tmp_path / "q", cpu_dequantize=True)
+    ours = np.array(model(mx.array([TOKENS]))[0])
+    if target == "Q8_0":  # Q8_0 has no bias: quantized again, ~1% of the 8-bit values' range
+        assert 0 < report.max_error and report.relative_rms < 0.02
+        np.testing.assert_allclose(logits(tmp_path / "q.gguf"), ours, atol=0.05 * np.abs(ours).max())
+        return
+    assert report.max_error == 0
+    np.testing.assert_allclose(logits(tmp_path / "q.gguf"), ours, atol=1e-5)
+    if group_size == 32 and bits == 4:
+        gguf_to_mlx(tmp_path / "q.gguf", tmp_path / "back")
+        original, back = mx.load(str(tmp_path / "q" / "model.safetensors")), mx.load(str(tmp_path / "back" / "model.safetensors"))
+        assert back.keys() == original.keys()
+        for name, a in original.items():
+            assert back[name].dtype == a.dtype and mx.array_equal(back[name], a).item(), name
+
+
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+def test_float_directory_to_gguf_is_llama_cpp_quantization(tiny_gguf, tmp_path, outtype):
+    """Float weights (a float32 directory holding the F32 file's values): each GGUF tensor is
+    llama.cpp's reference quantization of the file's own tensor, byte for byte (Llama's Q/K rows
+    back in GGUF's order, norms F32)."""
+    from gguf import GGMLQuantizationType as T, quants
+
+    path = tiny_gguf("F32", tied=False)
+    gguf_to_mlx(path, tmp_path / "f32", dtype="float32")
+    to_gguf(tmp_path / "f32", tmp_path / "out.gguf", outtype=outtype)
+    original, out = GGUFFile(path), GGUFFile(tmp_path / "out.gguf")
+    assert out.tensors.keys() == original.tensors.keys()
+    for name, t in original.tensors.items():
+        target = T.F32 if len(t.shape) == 1 else T[outtype.upper()]
+        assert out.tensors[name].ggml_type == target, name
+        expected = quants.quantize(np.asarray(t.data).view(np.float32).reshape(t.shape), target)
+        np.testing.assert_array_equal(np.asarray(out.tensors[name].data).reshape(-1).view(np.uint8),
+                                      expected.reshape(-1).view(np.uint8), err_msg=name)

@@ -22,6 +22,8 @@ import mlx_llama
 from mlx_llama.convert import to_gguf
 from mlx_llama.gguf_file import GGUFFile
 
+# torch and transformers make the checkpoints (~1 minute, and not in the [test] extra): slow
+pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 MODELS = ["llama-spm", "llama-bpe", "qwen2", "qwen3", "phi-mini", "gemma3"]
 

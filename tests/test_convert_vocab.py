@@ -18,7 +18,11 @@ from mlx_llama.convert.vocab_to_hf import write_tokenizer_files
 ROLES = ("bos_id", "eos_id", "eot_id", "unk_id", "pad_id", "add_bos", "add_eos", "add_space_prefix", "clean_spaces")
 
 
-@pytest.mark.parametrize("name", SUPPORTED_VOCAB_TESTS)
+# SentencePiece and GPT-2 byte-level BPE by default; every vocabulary llama.cpp tests (~2 minutes) with -m slow
+QUICK = ("llama-spm", "gpt-2")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in SUPPORTED_VOCAB_TESTS])
 def test_vocabulary_round_trip_encodes_as_llama_cpp(name, tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
 
