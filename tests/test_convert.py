@@ -92,6 +92,11 @@ def test_directory_is_the_gguf_model(converted, arch, tmp_path):
     for name, t in original.tensors.items():
         assert back.tensors[name].ggml_type == t.ggml_type, name
         np.testing.assert_array_equal(np.asarray(back.tensors[name].data), np.asarray(t.data), err_msg=name)
+    # the vocabulary, special tokens and chat template, through tokenizer.json and back
+    tokenizer = [k for k in original.metadata if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_space_prefix"]
+    assert {k: back.metadata[k] for k in tokenizer} == {k: original.metadata[k] for k in tokenizer}
+    assert {k: v for k, v in back.metadata.items() if k.startswith(arch)} == {
+        k: v for k, v in original.metadata.items() if k.startswith(arch)}
 
 
 @pytest.fixture(scope="module")
