@@ -81,8 +81,9 @@ def converted(tiny_gguf, tmp_path_factory):
 def test_directory_is_the_gguf_model(converted, arch, tmp_path):
     path, directory = converted[arch]
     np.testing.assert_array_equal(logits(directory), logits(path))  # weights as gguf computes them
-    compact, reference = logits(directory, cpu_dequantize=False), logits(path, cpu_dequantize=False)
-    np.testing.assert_allclose(compact, reference, atol=1e-4)  # MLX's quantized kernels, other scale dtype
+    if arch == "llama":  # the same for every architecture: MLX's quantized kernels, other scale dtype
+        compact, reference = logits(directory, cpu_dequantize=False), logits(path, cpu_dequantize=False)
+        np.testing.assert_allclose(compact, reference, atol=1e-4)
     assert {p.name for p in directory.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
     reports = to_gguf(directory, tmp_path / "back.gguf")
@@ -148,7 +149,8 @@ def test_quantized_types_keep_their_values(tmp_path, tiny_gguf):
     from make_quant_fixtures import requantize
 
     path = tmp_path / "k.gguf"
-    requantize(str(tiny_gguf("F32", hidden=256, ffn=512, tied=False)), str(path), {"output": "Q2_K", "ffn_down": "Q6_K"}, "Q4_K_M")
+    # K-quants need rows of 256; tied embeddings: one 49152 × 256 matrix, not two
+    requantize(str(tiny_gguf("F32", hidden=256, ffn=512)), str(path), {"attn_output": "Q2_K", "ffn_down": "Q6_K"}, "Q4_K_M")
     reports = {r.ggml_type: r for r in gguf_to_mlx(path, tmp_path / "f32", dtype="float32")}
     assert {"Q4_K", "Q6_K", "Q2_K"} <= reports.keys() and all(r.max_error == 0 for r in reports.values())
     q6_k_weights = reports["Q6_K"].file_bytes // 210 * 256  # 210 bytes per 256 weights
