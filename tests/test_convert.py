@@ -273,7 +273,8 @@ def test_float_directory_to_gguf_is_llama_cpp_quantization(tiny_gguf, tmp_path, 
     """Float weights (a float32 directory holding the F32 file's values): each GGUF tensor is
     llama.cpp's reference quantization of the file's own tensor, byte for byte (Llama's Q/K rows
     back in GGUF's order, norms F32)."""
-    from gguf import GGMLQuantizationType as T, quants
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
 
     path = tiny_gguf("F32", tied=False)
     gguf_to_mlx(path, tmp_path / "f32", dtype="float32")

@@ -117,7 +117,7 @@ def interrupt_when(proc, ready, sig, timeout=300):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_conversion_killed_mid_write_leaves_no_output(tiny_dir, tmp_path, sig):
     out = tmp_path / "out.gguf"
-    partial = lambda: list(tmp_path.glob(".out.gguf.partial-*"))  # noqa: E731
+    partial = lambda: list(tmp_path.glob(".out.gguf.partial-*"))
     command = [sys.executable, "-m", "mlx_llama", "convert", "mlx-to-gguf", str(tiny_dir), str(out), "--outtype", "q8_0"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # mid-write: the header begun, the tensors (2 s of encoding) to come

@@ -76,7 +76,7 @@ def test_f16_gguf_gives_transformers_logits(hf_models, name, tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "mlx_llama", "convert", "hf-to-gguf", str(hf_models / name), str(out),
                         "--outtype", "f16"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"^float32\s+F16\s+\d+\s", r.stdout, re.M) and "wrote" in r.stdout  # the report table
+    assert re.search(r"^float32\s+F16\s+\d+\s", r.stdout, re.MULTILINE) and "wrote" in r.stdout  # the report table
 
     ours, tokenizer = mlx_llama_logits(out, ids)
     theirs, llm = llama_cpp_run(out, ids)

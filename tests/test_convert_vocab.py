@@ -10,10 +10,10 @@ import pytest
 from test_tokenizer import SUPPORTED_VOCAB_TESTS, read_vocab_tests, vocab_path
 
 from mlx_llama import MlxLlamaError
-from mlx_llama.gguf_file import GGUFFile
-from mlx_llama.tokenizer import Tokenizer
 from mlx_llama.convert.vocab_from_hf import gguf_vocab, read_sentencepiece
 from mlx_llama.convert.vocab_to_hf import write_tokenizer_files
+from mlx_llama.gguf_file import GGUFFile
+from mlx_llama.tokenizer import Tokenizer
 
 ROLES = ("bos_id", "eos_id", "eot_id", "unk_id", "pad_id", "add_bos", "add_eos", "add_space_prefix", "clean_spaces")
 
@@ -82,7 +82,8 @@ def test_sentencepiece_model_read_without_protobuf(tmp_path):
 
 
 def test_unsupported_tokenizers_are_one_line_errors(tmp_path):
-    from tokenizers import Tokenizer as HFTokenizer, models
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
 
     HFTokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(MlxLlamaError, match="unsupported tokenizer \\(WordPiece model"):

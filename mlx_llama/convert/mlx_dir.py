@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..architectures import ModelConfig, tensor_shapes
+from ..architectures import tensor_shapes
 from ..errors import MlxLlamaError
 from .hf_config import ConfigError, from_hf, text_config
 from .names import IGNORED, gguf_name, heads_of, hf_name, is_permuted, norm_offset, rows_to_gguf

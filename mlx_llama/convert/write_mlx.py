@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..architectures import check_tensors, read_config
 from ..errors import GGUFError
 from ..gguf_file import GGUFFile, TensorInfo
-from ..quants import FORMATS, SUBBLOCK16, Affine, decode_tensor, type_name
+from ..quants import FORMATS, SUBBLOCK16, decode_tensor, type_name
 from ..tokenizer import Tokenizer
 from .atomic import atomic_output
 from .hf_config import to_hf, zero_biases
