@@ -10,7 +10,6 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from . import _blas, cuda_affine, fusion
-from .converted import is_converted, load_dir
 from .download import default_model
 from .errors import GGUFError
 from .architectures import check_tensors, read_config
@@ -41,30 +40,35 @@ def choose_cpu_dequantize(n_params: int) -> bool:
 
 
 def load(path=None, *, check_template: bool = True, **kwargs) -> tuple[Model, Tokenizer]:
-    """The model and tokenizer of `path`: a GGUF file, a directory written by the converter
-    (`mlx_llama.converted`, loaded as it was written: its dtype and weight form), or None for the
-    default model (downloaded on first use). `kwargs`: `load_model`'s options, for GGUF files.
+    """The model and tokenizer of `path`: a GGUF file, an mlx-lm / Hugging Face model directory
+    (`mlx_llama.convert.mlx_dir`: safetensors read without decoding GGUF blocks), or None for the
+    default model (downloaded on first use). `kwargs`: `load_model`'s options (`progress` applies
+    to GGUF files only).
 
-    Everything but the weights is checked first — the header, the config, the vocabulary and
-    (with `check_template`, for callers that will use the file's own chat template) the template,
-    rendered once — so a broken file fails before its weights are read."""
+    Everything but the weights of a GGUF file is checked first — the header, the config, the
+    vocabulary and (with `check_template`, for callers that will use the file's own chat
+    template) the template, rendered once — so a broken file fails before its weights are read."""
     if path is None:
         path = default_model()
     path = os.fspath(path)
-    converted = is_converted(path)
-    if converted:
-        model, f = load_dir(path)
+    if os.path.isdir(path):
+        from .convert.mlx_dir import load_model_dir
+
+        kwargs.pop("progress", None)
+        model, metadata = load_model_dir(path, **kwargs)
+        tokenizer = Tokenizer(path, metadata)
+        if check_template:
+            check_file_template(path, metadata)
     else:
         if os.path.exists(path) and not os.path.isfile(path):
-            raise GGUFError(path, "not a regular file (nor a directory written by the converter)")
+            raise GGUFError(path, "not a regular file or a model directory")
         f = GGUFFile(path)
-    tokenizer = Tokenizer.from_gguf(f)
-    if check_template:
-        check_file_template(f.path, f.metadata)
-    if not converted:
+        tokenizer = Tokenizer.from_gguf(f)
+        if check_template:
+            check_file_template(f.path, f.metadata)
         model = load_model(f, **kwargs)
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
+        raise GGUFError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
     if mx.default_device() == mx.cpu:
         _blas.warn_if_slow()
     return model, tokenizer

@@ -14,6 +14,7 @@ import click
 from .bench import bench
 from .chat import chat
 from .common import end_run, fail, show_warning
+from .convert import convert
 from .generate import generate
 from .info import info
 from .perplexity import perplexity
@@ -44,5 +45,5 @@ def main():
     warnings.showwarning = show_warning
 
 
-for command in (generate, chat, perplexity, info, bench):
+for command in (generate, chat, perplexity, info, bench, convert):
     main.add_command(command)

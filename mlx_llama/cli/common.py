@@ -82,7 +82,7 @@ def model_options(f):
     )(f)
     return click.option(
         "-m", "--model", "model_path", type=click.Path(),
-        help="GGUF file or converted directory (default: SmolLM2-135M-Instruct Q4_1, downloaded once into ~/.cache/mlx_llama).",
+        help="GGUF file or mlx-lm model directory (default: SmolLM2-135M-Instruct Q4_1, downloaded once into ~/.cache/mlx_llama).",
     )(f)
 
 

@@ -19,7 +19,6 @@ import mlx.core as mx
 
 from .. import _blas
 from ..architectures import check_tensors, read_config
-from ..converted import is_converted
 from ..download import default_model
 from ..errors import GGUFError, MlxLlamaError
 from ..gguf_file import GGUFFile, TensorInfo
@@ -49,8 +48,8 @@ def load(path=None, mode: str = "pipeline", world: World | None = None, *, dtype
         from ..loader import load as load_single
 
         return load_single(path, dtype=dtype, cpu_dequantize=cpu_dequantize)
-    if is_converted(path):
-        raise MlxLlamaError(f"{path}: a distributed run reads GGUF files (each rank its share), not converted directories")
+    if os.path.isdir(path):
+        raise MlxLlamaError(f"{path}: a distributed run reads GGUF files (each rank its share), not model directories")
     f = GGUFFile(path)
     cfg = read_config(f)
     shapes = check_tensors(f, cfg)
