@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from ..architectures import ATTENTION_LINEARS, FFN_LINEARS, ModelConfig
+from ..architectures import ARCHITECTURES, ATTENTION_LINEARS, FFN_LINEARS, ModelConfig
 from ..errors import MlxLlamaError
 
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3": "gemma3_text"}
@@ -203,6 +203,7 @@ def from_hf(config: dict, weight_names: set[str], path) -> tuple[ModelConfig, di
         num_kv_heads=config.get("num_key_value_heads") or heads, head_dim=head_dim,
         rope_dims=int(head_dim * config.get("partial_rotary_factor", 1.0)), rope_theta=10000.0,
         rms_norm_eps=float(need.value("rms_norm_eps")), vocab_size=need.int("vocab_size"), fused_qkv=arch == "phi3",
+        fused_gate_up=ARCHITECTURES[arch].fused_gate_up,
         tied_embeddings=bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in weight_names,
         biases=tuple(n for n in (*ATTENTION_LINEARS, *FFN_LINEARS) if hf_name(arch, f"blk.0.{n}.bias") in weight_names)
         + (("output",) if "lm_head.bias" in weight_names else ()))

@@ -101,7 +101,9 @@ class ModelDir:
 
     def _quantization_entries(self) -> dict:
         q = self.config.get("quantization") or self.config.get("quantization_config") or {}
-        return q if isinstance(q, dict) else {}
+        if not isinstance(q, dict):
+            raise DirError(self.path / CONFIG, f"'quantization' is a {type(q).__name__}, not an object")
+        return q
 
     def _map_names(self) -> dict[str, str]:
         """GGUF tensor name → checkpoint module path (or parameter name, for biases and norms);
