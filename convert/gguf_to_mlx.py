@@ -1,39 +1,15 @@
-"""Convert a GGUF model to MLX's own format, a directory `mlx_llama.load` opens without decoding:
+"""GGUF file → mlx-lm model directory: `mlx_llama convert gguf-to-mlx` under a script's name.
 
-    python convert/gguf_to_mlx.py model.gguf out_dir [--dtype float16] [--dequantize]
-    mlx_llama generate -m out_dir "Hello"        # or mlx_llama.load("out_dir") in Python
+    python convert/gguf_to_mlx.py model.gguf out_dir [--dtype float16] [--strict] [--force]
+    mlx_lm.generate --model out_dir --prompt "Hello"      # or: mlx_llama generate -m out_dir "Hello"
 
-The directory holds the arrays `mlx_llama.load` builds (the compact quantized form by default,
-or dense with --dequantize), see `mlx_llama.converted`.
+The directory holds config.json, model.safetensors (quantized types stay quantized, in MLX's
+affine form) and the tokenizer files; `--help` lists the options (`mlx_llama.convert`).
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-import mlx_llama  # before mlx.core: preloads the fast BLAS
-from mlx_llama import converted
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("gguf")
-    ap.add_argument("out_dir")
-    ap.add_argument("--dtype", choices=sorted(converted.DTYPES), default="float16", help="activation / dense-weight dtype")
-    ap.add_argument("--dequantize", action="store_true", help="store dense weights instead of the compact quantized form")
-    args = ap.parse_args(argv)
-    try:
-        config = converted.save(args.gguf, args.out_dir, args.dtype, args.dequantize)
-    except mlx_llama.MlxLlamaError as e:
-        print(f"gguf_to_mlx: error: {e}", file=sys.stderr)
-        return 2
-    size = os.path.getsize(os.path.join(args.out_dir, converted.WEIGHTS))
-    print(f"wrote {args.out_dir}: {size / 2**20:.1f} MiB, {len(config['quantization'])} quantized layers, "
-          f"{len(config['blocks'])} in Q2_K/Q6_K blocks, dtype {args.dtype}")
-    return 0
-
+from mlx_llama.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(["convert", "gguf-to-mlx", *sys.argv[1:]], prog_name="gguf_to_mlx.py")

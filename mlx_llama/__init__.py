@@ -5,7 +5,7 @@ from . import _blas
 _blas.preload()  # must precede the first `import mlx.core`
 
 from .download import default_model  # noqa: E402  (no MLX needed)
-from .errors import GGUFError, MlxLlamaError, MlxLlamaWarning, SlowBLASWarning  # noqa: E402
+from .errors import ConstraintError, GGUFError, MlxLlamaError, MlxLlamaWarning, SlowBLASWarning, ToolCallError  # noqa: E402
 
 # The rest imports MLX, so it loads on first use: `mlx_llama --help` and error paths stay fast,
 # and a missing MLX backend can be reported in one line by the CLI.
@@ -18,7 +18,7 @@ _LAZY = {
 }
 
 __all__ = ["load", "generate", "stream_generate", "default_model", "GenerationStats", "SamplingParams",
-           "MlxLlamaError", "GGUFError", "MlxLlamaWarning", "SlowBLASWarning"]
+           "MlxLlamaError", "GGUFError", "ConstraintError", "ToolCallError", "MlxLlamaWarning", "SlowBLASWarning"]
 __version__ = "0.1.0"
 
 

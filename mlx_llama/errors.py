@@ -37,6 +37,24 @@ class ChatTemplateSecurityError(ChatTemplateError):
     """The sandbox refused something the template did (dunder attributes, mutating methods…)."""
 
 
+class NonFiniteError(MlxLlamaError):
+    """The model computed NaN or infinite logits: broken weights or settings, or activations
+    that overflow the compute dtype. Generation stops instead of sampling from them."""
+
+
+class ChatTemplateLimitError(ChatTemplateError):
+    """Rendering a template went past a limit (time, output size, or an operation that would
+    build a huge number or string): see `chat_template.RenderLimits`."""
+
+
+class ConstraintError(MlxLlamaError):
+    """A schema, regex or grammar that cannot be used, or output that cannot continue under it."""
+
+
+class ToolCallError(MlxLlamaError):
+    """Tools or a tool_choice that cannot be used (not OpenAI's form, an unknown tool name)."""
+
+
 class MlxLlamaWarning(UserWarning):
     """Something works, but not as well as it could; the CLI prints it as one line."""
 

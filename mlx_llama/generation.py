@@ -2,6 +2,8 @@
 
 The decode loop keeps the device busy: it queues step n+1 (`mx.async_eval`) before it hands
 token n to the caller, so detokenizing and printing overlap with the next forward pass.
+Under a constraint (`constraints.py`) the mask for token n+1 depends on token n, so forward
+pass n+1 is queued first and the mask is computed on the CPU while it runs.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, NonFiniteError
 from .model import Model
 from .prompt import encode_prompt, file_template
 from .sample import SamplingParams, make_sampler
 
 if TYPE_CHECKING:
     from .chat_template import ChatTemplate
+    from .constraints import Constraint, TokenMatcher
     from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds attention memory; on the CPU, 256 was fastest
@@ -34,6 +37,7 @@ class GenerationStats:
     finish_reason: str | None = None  # "stop" (end-of-generation token or stop string), "length", "context"
     tokens: list[int] = field(default_factory=list)  # the generated tokens, stop token excluded
     sampled: list[int] = field(default_factory=list)  # every sampled token, stop token included
+    constraint_seconds: float = 0.0  # CPU time in the constraint's matcher (masks and advancing)
 
     @property
     def prompt_tps(self) -> float:
@@ -72,9 +76,10 @@ class TokenSampler:
         self.n_hist = params.penalty_last_n  # 0 unless a penalty (repeat, frequency, presence) is on
         self.history = mx.array(list(seen)[-self.n_hist:] if self.n_hist else [], mx.int32)
 
-    def __call__(self, logits: mx.array) -> mx.array:
-        """logits (1, V) → the next token (1,) int32, not yet evaluated."""
-        y = self.sample(logits, self.history)
+    def __call__(self, logits: mx.array, mask: mx.array | None = None) -> mx.array:
+        """logits (1, V) → the next token (1,) int32, not yet evaluated; mask: the tokens a
+        constraint allows."""
+        y = self.sample(logits, self.history, mask)
         if self.n_hist:
             self.history = mx.concatenate([self.history, y])[-self.n_hist:]
         return y
@@ -87,23 +92,70 @@ def generate_tokens(
     max_tokens: int,
     cache=None,
     past: list[int] = (),
+    matcher: TokenMatcher | None = None,
 ) -> Iterator[int]:
     """Yield sampled token ids, at most `max_tokens` of them (the caller decides when to stop).
 
     past: tokens the cache already holds before `prompt`, seen by the penalties (as llama.cpp's
-    penalties see the whole session)."""
-    step = TokenSampler(params, list(past) + list(prompt))
+    penalties see the whole session). matcher: a constraint's state for this sequence; each
+    token is drawn from those it allows, and generation ends after its end-of-generation token."""
+    if params.repeat_last_n > model.config.context_length:  # the penalty window is allocated at this size
+        raise MlxLlamaError(f"repeat_last_n {params.repeat_last_n} is more than the model's context of "
+                            f"{model.config.context_length} tokens")
+    sampler = TokenSampler(params, list(past) + list(prompt))
+    if hasattr(model, "shared_sampler"):  # a model over several processes: one samples, all get its token
+        sampler.sample = model.shared_sampler(sampler.sample)
     cache = cache if cache is not None else model.make_cache()
 
-    y = step(prefill(model, mx.array(prompt, mx.int32), cache))
-    mx.async_eval(y)
+    def step(logits: mx.array, mask: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """The next token, and whether the logits it was drawn from were all finite (a
+        reduction computed with it: NaN logits must stop generation, not become tokens)."""
+        return sampler(logits, mask), mx.isfinite(logits).all()
+
+    logits = prefill(model, mx.array(prompt, mx.int32), cache)
+    if matcher is not None:
+        yield from _constrained_decode(model, cache, logits, step, matcher, max_tokens)
+        return
+    y, finite = step(logits)
+    mx.async_eval(y, finite)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_y = step(model(y[None], cache)[:, -1, :])
-            mx.async_eval(next_y)
+            next_y, next_finite = step(model(y[None], cache)[:, -1, :])
+            mx.async_eval(next_y, next_finite)
+        if not finite.item():
+            raise _non_finite(n)
         yield y.item()
         if n + 1 < max_tokens:
-            y = next_y
+            y, finite = next_y, next_finite
+
+
+def _non_finite(n: int) -> NonFiniteError:
+    return NonFiniteError(f"the model computed NaN or infinite logits after {n} generated tokens: its weights "
+                          "or settings are broken, or its activations overflow the compute dtype")
+
+
+def _constrained_decode(model: Model, cache, logits: mx.array, step, matcher: TokenMatcher, max_tokens: int) -> Iterator[int]:
+    """The decode loop under a constraint. Token n+1's mask needs token n, so the order is:
+    queue forward pass n+1 (it needs only token n on the device), read token n, let the
+    matcher take it and compute mask n+1 on the CPU while the pass runs, then queue the draw."""
+    mx.async_eval(logits)
+    y, finite = step(logits, matcher.mask())  # the first mask is computed while the prompt prefills
+    mx.async_eval(y, finite)
+    for n in range(max_tokens):
+        more = n + 1 < max_tokens
+        if more:
+            logits = model(y[None], cache)[:, -1, :]
+            mx.async_eval(logits)
+        if not finite.item():
+            raise _non_finite(n)
+        token = y.item()
+        matcher.advance(token)
+        if more and not matcher.finished:
+            y, finite = step(logits, matcher.mask())
+            mx.async_eval(y, finite)
+        yield token
+        if matcher.finished:  # the end-of-generation token the grammar allowed
+            return
 
 
 class StopStrings:
@@ -190,6 +242,7 @@ def stream_tokens(
     stop_ids: set[int] | None = None,
     stop_strings=(),
     past: list[int] = (),
+    constraint: Constraint | None = None,
 ) -> Iterator[str]:
     """The generation loop behind `stream_generate` and chat sessions.
 
@@ -197,17 +250,24 @@ def stream_tokens(
     Yields text; stops at an end-of-generation token (`stop_ids`, default the tokenizer's), a stop
     string (not shown), `max_tokens`, or the context length. `stats.sampled` gets every sampled
     token (the stop token included), so callers can tell which tokens the cache holds.
+    constraint: the text must match it (see `constraints.py`); it ends at an end-of-generation
+    token once the constraint is complete.
     """
     held = cache[0].offset if cache else 0
     max_tokens = token_budget(model.config.context_length, held, len(ids), max_tokens, stats)
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     out = TokenText(tokenizer, stop_ids, stop_strings, stats, time.perf_counter())
-    for token in generate_tokens(model, ids, params, max_tokens, cache=cache, past=past):
+    matcher = None if constraint is None else constraint.matcher(tokenizer, model.config.vocab_size)
+    for token in generate_tokens(model, ids, params, max_tokens, cache=cache, past=past, matcher=matcher):
+        if matcher is not None:
+            stats.constraint_seconds = matcher.seconds
         text = out.add(token)
         if text:
             yield text
         if out.done:
             return
+    if matcher is not None and matcher.finished:  # its end-of-generation token, though not one of stop_ids
+        stats.finish_reason = "stop"
     text = out.close()
     if text:
         yield text
@@ -226,6 +286,7 @@ def stream_generate(
     stats: GenerationStats | None = None,
     stop: tuple[str, ...] | list[str] = (),
     stop_ids: set[int] | None = None,
+    constraint: Constraint | None = None,
     **sampling,
 ) -> Iterator[str]:
     """Yield the generated text piece by piece.
@@ -240,6 +301,8 @@ def stream_generate(
     (default: the vocabulary's end-of-generation tokens, plus the template's end of turn).
     stats: filled in as generation goes (timings, token counts, finish reason: "stop",
     "length" or "context").
+    constraint: the text must match it — `mlx_llama.constraints.json_schema(schema)`,
+    `json_object()`, `pydantic_model(cls)`, `regex(pattern)` or `grammar(lark_or_gbnf)`.
     """
     if params is not None and sampling:
         raise MlxLlamaError(f"give sampling settings either as params= or as keywords, not both ({', '.join(sampling)})")
@@ -256,7 +319,7 @@ def stream_generate(
     yield from stream_tokens(
         model, tokenizer, encoded.ids, max_tokens, params=params, cache=model.make_cache(),
         stats=stats if stats is not None else GenerationStats(),
-        stop_ids=stop_ids if stop_ids is not None else encoded.stop_ids, stop_strings=stop,
+        stop_ids=stop_ids if stop_ids is not None else encoded.stop_ids, stop_strings=stop, constraint=constraint,
     )
 
 

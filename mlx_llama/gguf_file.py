@@ -21,6 +21,7 @@ import functools
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -238,19 +239,51 @@ def _place_tensors(cur: _Cursor, infos: list, alignment: int) -> dict[str, Tenso
         rows = file_bytes[start : start + nbytes].reshape(*shape[:-1], dims[0] // block * type_size)
         tensors[name] = TensorInfo(name, ggml_type, shape, rows)
         spans.append((start, start + nbytes, name))
-    _check_overlaps(cur, spans)
+    _check_layout(cur, spans, data_start, alignment)
     return tensors
 
 
-def _check_overlaps(cur: _Cursor, spans: list[tuple[int, int, str]]) -> None:
-    # Sorted by start, a tensor that overlaps any other overlaps the one just before it.
+def _check_layout(cur: _Cursor, spans: list[tuple[int, int, str]], data_start: int, alignment: int) -> None:
+    """The tensors tile the data section, as every GGUF writer lays them out: in offset order,
+    each starts where the one before it ends (padded to the alignment), and the file ends with
+    the last one's padding. So a changed type or shape that still fits somewhere — a smaller
+    type leaving a gap, a larger one running into its neighbour — cannot load as other weights."""
     spans = sorted(spans)
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start < end:
-            raise cur.error(f"tensors {first!r} and {second!r} overlap (bytes {start}-{end})")
+    expected, before = data_start, None
+    for start, end, name in spans:
+        if start < expected and before is not None:
+            raise cur.error(f"tensors {before!r} and {name!r} overlap (bytes {start}-{min(end, expected)})")
+        if start > expected:
+            after = f"tensor {before!r} ends" if before is not None else "the data section starts"
+            raise cur.error(f"tensor {name!r} starts at byte {start} but {after} at byte {expected}: "
+                            f"{start - expected} bytes that no tensor holds (a wrong type, shape or offset?)")
+        expected, before = -(-end // alignment) * alignment, name
+    if spans and cur.size > expected:
+        raise cur.error(f"{cur.size - expected} bytes after the end of the last tensor {before!r} "
+                        f"(byte {expected}) that no tensor holds (a wrong type, shape or offset?)")
 
 
 # -- the file ------------------------------------------------------------------------------------
+
+
+def _open_regular(path: str):
+    """The file at `path` opened for reading, if it is a regular file. Opened without blocking
+    and checked on the open descriptor, so a FIFO (which would block the open until a writer
+    comes), a device (/dev/zero has no end) or a directory is refused, even if swapped in after
+    a check by name."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file"
+            raise GGUFError(path, f"not a regular file ({kind})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class GGUFFile:
@@ -260,7 +293,7 @@ class GGUFFile:
     def __init__(self, path):
         self.path = os.fspath(path)
         try:
-            with open(self.path, "rb") as fh:
+            with _open_regular(self.path) as fh:
                 magic = fh.read(4)
                 if magic != GGUF_MAGIC:
                     raise GGUFError(self.path, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
@@ -287,7 +320,9 @@ class GGUFFile:
         value = self.metadata[key]
         ok = {
             int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
-            float: lambda v: isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool),
+            # a float key holds FLOAT32/FLOAT64, as llama.cpp insists: an integer there is damage
+            # (a float's bits read as UINT32 would otherwise be a finite, wrong value)
+            float: lambda v: isinstance(v, (float, np.floating)),
             str: lambda v: isinstance(v, str),
             bool: lambda v: isinstance(v, (bool, np.bool_)),
             list: lambda v: isinstance(v, (list, np.ndarray)),

@@ -10,10 +10,10 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from . import _blas, cuda_affine, fusion
-from .converted import is_converted, load_dir
 from .download import default_model
 from .errors import GGUFError
 from .architectures import check_tensors, read_config
+from .chat_template import check_file_template
 from .gguf_file import GGUFFile
 from .model import Model, build_model, module_path
 from .quants import BF16, F16, F32, Affine, Blocks, decode_tensor, type_name
@@ -39,23 +39,36 @@ def choose_cpu_dequantize(n_params: int) -> bool:
     return n_params * 4 <= CPU_DEQUANTIZE_MEMORY_SHARE * physical_memory()
 
 
-def load(path=None, **kwargs) -> tuple[Model, Tokenizer]:
-    """The model and tokenizer of `path`: a GGUF file, a directory written by the converter
-    (`mlx_llama.converted`, loaded as it was written: its dtype and weight form), or None for the
-    default model (downloaded on first use). `kwargs`: `load_model`'s options, for GGUF files."""
+def load(path=None, *, check_template: bool = True, **kwargs) -> tuple[Model, Tokenizer]:
+    """The model and tokenizer of `path`: a GGUF file, an mlx-lm / Hugging Face model directory
+    (`mlx_llama.convert.mlx_dir`: safetensors read without decoding GGUF blocks), or None for the
+    default model (downloaded on first use). `kwargs`: `load_model`'s options (`progress` applies
+    to GGUF files only).
+
+    Everything but the weights of a GGUF file is checked first — the header, the config, the
+    vocabulary and (with `check_template`, for callers that will use the file's own chat
+    template) the template, rendered once — so a broken file fails before its weights are read."""
     if path is None:
         path = default_model()
     path = os.fspath(path)
-    if is_converted(path):
-        model, f = load_dir(path)
+    if os.path.isdir(path):
+        from .convert.mlx_dir import load_model_dir
+
+        kwargs.pop("progress", None)
+        model, metadata = load_model_dir(path, **kwargs)
+        tokenizer = Tokenizer(path, metadata)
+        if check_template:
+            check_file_template(path, metadata)
     else:
         if os.path.exists(path) and not os.path.isfile(path):
-            raise GGUFError(path, "not a regular file (nor a directory written by the converter)")
+            raise GGUFError(path, "not a regular file or a model directory")
         f = GGUFFile(path)
+        tokenizer = Tokenizer.from_gguf(f)
+        if check_template:
+            check_file_template(f.path, f.metadata)
         model = load_model(f, **kwargs)
-    tokenizer = Tokenizer.from_gguf(f)
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
+        raise GGUFError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {model.config.vocab_size}")
     if mx.default_device() == mx.cpu:
         _blas.warn_if_slow()
     return model, tokenizer
@@ -92,23 +105,11 @@ def load_model(
                desc="loading", disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
     for name in shapes:
         t = f.tensors[name]
-        if len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
-            raise GGUFError(f.path, f"tensor {name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
-        # RoPE frequency factors stay float32: float16 would round every angle
-        dense_dtype = mx.float32 if name.startswith("rope_") else dtype
+        check_vector(f, t)
         # In its final form: dense in `dense_dtype` (every weight, when expanding), or compact
         # (Q2_K/Q6_K: the file's blocks by default; see `quants.set_subblock16_form`).
-        decoded = decode_tensor(f.path, t, dense_dtype=dense_dtype, expand=bool(cpu_dequantize))
-        key = module_path(name)
-        path = key[: -len(".weight")]
-        if isinstance(decoded, Affine):
-            quantized[path] = {"group_size": decoded.group_size, "bits": decoded.bits}
-            weights += [(key, decoded.weight), (path + ".scales", decoded.scales), (path + ".biases", decoded.biases)]
-        elif isinstance(decoded, Blocks):
-            blocks[path] = decoded.ggml_type
-            weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
-        else:
-            weights.append((key, decoded))
+        decoded = decode_tensor(f.path, t, dense_dtype=dense_dtype_of(name, dtype), expand=bool(cpu_dequantize))
+        add_weight(module_path(name), decoded, weights, quantized, blocks)
         mx.eval([w for _, w in weights[-4:]])  # materialise tensor by tensor: bounded peak memory
         bar.update(t.data.nbytes)
     bar.close()
@@ -117,3 +118,28 @@ def load_model(
     mx.clear_cache()  # return the decoding scratch buffers
     return build_model(cfg, weights, dtype=dtype, quantized=quantized, blocks=blocks,
                        cpu_dequantized=bool(cpu_dequantize))
+
+
+def check_vector(f: GGUFFile, t) -> None:
+    if len(t.shape) == 1 and t.ggml_type not in VECTOR_TYPES:
+        raise GGUFError(f.path, f"tensor {t.name!r} is a vector of type {type_name(t.ggml_type)} (expected F32, F16 or BF16)")
+
+
+def dense_dtype_of(name: str, dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype a tensor takes when dense: RoPE frequency factors stay float32 (float16 would
+    round every angle), the rest the model's dtype."""
+    return mx.float32 if name.startswith("rope_") else dtype
+
+
+def add_weight(key: str, decoded, weights: list, quantized: dict, blocks: dict) -> None:
+    """File a decoded weight under its module path `key` ('blk.0.attn.attn_q.weight'): its
+    arrays into `weights`, and its layer's form into `quantized` or `blocks`."""
+    path = key[: -len(".weight")]
+    if isinstance(decoded, Affine):
+        quantized[path] = {"group_size": decoded.group_size, "bits": decoded.bits}
+        weights += [(key, decoded.weight), (path + ".scales", decoded.scales), (path + ".biases", decoded.biases)]
+    elif isinstance(decoded, Blocks):
+        blocks[path] = decoded.ggml_type
+        weights += [(f"{path}.{k}", v) for k, v in decoded.fields.items()]
+    else:
+        weights.append((key, decoded))

@@ -229,13 +229,17 @@ class Model(nn.Module):
 
     def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens: (B, T) int → final hidden states (B, T, hidden), before the output norm."""
-        h = self.token_embd(tokens)
-        if self.embed_scale:
-            h = h * self.embed_scale
-        h = h.astype(self.dtype)
+        h = self.embed(tokens)
         for i, block in enumerate(self.blk):
             h = block(h, cache[i] if cache is not None else None)
         return h
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens: (B, T) int → the first block's input (B, T, hidden), in the activation dtype."""
+        h = self.token_embd(tokens)
+        if self.embed_scale:
+            h = h * self.embed_scale
+        return h.astype(self.dtype)
 
     def logits(self, h: mx.array) -> mx.array:
         h = self.output_norm(h)
@@ -263,8 +267,21 @@ def build_model(
     `.weight`, `.scales` and `.biases` are in `weights`); blocks: module path → GGML type of the
     Q2_K/Q6_K layers kept as the file's blocks (their fields are `path.<field>` in `weights`).
     """
-    cpu_kernels = mx.default_device() == mx.cpu and dtype == mx.float32
-    model = Model(cfg, dtype=dtype, cpu_kernels=cpu_kernels)
+    model = Model(cfg, dtype=dtype, cpu_kernels=uses_cpu_kernels(dtype))
+    fill_model(model, weights, quantized=quantized, blocks=blocks)
+    model.cpu_dequantized = cpu_dequantized
+    return model
+
+
+def uses_cpu_kernels(dtype: mx.Dtype) -> bool:
+    """Whether the model runs `kernels`' attention and activations (MLX's CPU backend, float32)."""
+    return mx.default_device() == mx.cpu and dtype == mx.float32
+
+
+def fill_model(model: nn.Module, weights: list[tuple[str, mx.array]], *, quantized: dict[str, dict] | None = None,
+               blocks: dict[str, int] | None = None) -> None:
+    """Give a model (or any module tree named the same way) its arrays: the layers that stay
+    quantized or in blocks become those layers first; every parameter must be in `weights`."""
     for path, ggml_type in (blocks or {}).items():
         prefix = path + "."
         set_module(model, path, block_layer(path, ggml_type, {k[len(prefix):]: v for k, v in weights if k.startswith(prefix)}))
@@ -272,8 +289,6 @@ def build_model(
         nn.quantize(model, class_predicate=lambda p, m: quantized.get(p, False))
     model.load_weights(weights, strict=True)
     model.eval()
-    model.cpu_dequantized = cpu_dequantized
-    return model
 
 
-__all__ = ["Model", "build_model", "module_path", "set_module", "BlockLinear"]
+__all__ = ["Model", "build_model", "fill_model", "module_path", "set_module", "uses_cpu_kernels", "BlockLinear"]

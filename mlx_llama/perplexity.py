@@ -15,7 +15,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .errors import MlxLlamaError
+from .errors import MlxLlamaError, NonFiniteError
 
 
 @dataclass
@@ -66,6 +66,9 @@ def perplexity(
         if tokenizer.add_bos:
             chunk[0] = tokenizer.bos_id
         nll = np.array(chunk_nll(model, chunk), dtype=np.float64)  # summed in float64, as llama.cpp does
+        if not np.isfinite(nll).all():  # a NaN would make every later estimate NaN
+            raise NonFiniteError(f"the model computed NaN or infinite logits in chunk {i + 1}: its weights or "
+                                 "settings are broken, or its activations overflow the compute dtype")
         result.nll_sum += float(nll.sum())
         result.nll2_sum += float((nll * nll).sum())
         result.count += nll.size

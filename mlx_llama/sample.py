@@ -4,7 +4,10 @@ The chain, in llama.cpp's order (`common/sampling.cpp`) and with its meaning
 (`src/llama-sampler.cpp`):
 
     logit bias → penalties (repeat, frequency, presence) over the last `repeat_last_n` tokens
-    → top-k → top-p → min-p → temperature → draw
+    → [token mask] → top-k → top-p → min-p → temperature → draw
+
+The token mask is a constraint's (`constraints.py`): the tokens a grammar does not allow next
+are removed before the filters, as llama.cpp applies its grammar.
 
 Like llama.cpp, top-k shrinks the candidates to the k best tokens, sorted, and the later
 filters only look at those (a removed candidate gets logit -inf); top-p and min-p use the
@@ -107,6 +110,15 @@ def temperature(logits: mx.array, temp: mx.array | float) -> mx.array:
     return logits / temp
 
 
+def apply_token_mask(logits: mx.array, words: mx.array) -> mx.array:
+    """Keep the tokens whose bit is set in `words`, the rest get -inf.
+
+    words: (⌈V/32⌉,) uint32, token i is bit i % 32 of word i // 32 (llguidance's bitmask).
+    """
+    bits = (words[:, None] >> mx.arange(32, dtype=mx.uint32)) & 1  # (⌈V/32⌉, 32)
+    return mx.where(bits.reshape(-1)[: logits.size].astype(mx.bool_), logits, NEG_INF)
+
+
 def _k_largest(x: mx.array, k: int) -> mx.array:
     """Ids of the k largest entries of x, in no order.
 
@@ -137,6 +149,8 @@ FLOAT_PARAMS = ("temp", "top_p", "min_p", "repeat_penalty", "frequency_penalty",
 def _validate(params: SamplingParams) -> None:
     if params.repeat_last_n < 0:
         raise MlxLlamaError(f"repeat_last_n must be ≥ 0, not {params.repeat_last_n}")
+    if params.seed is not None and not 0 <= params.seed < 2**64:
+        raise MlxLlamaError(f"seed must be in 0 … 2^64-1, not {params.seed}")
     if params.penalty_last_n and not params.repeat_penalty > 0:
         raise MlxLlamaError(f"repeat_penalty must be > 0, not {params.repeat_penalty}")
     for name in FLOAT_PARAMS:
@@ -154,15 +168,20 @@ def _bias_arrays(params: SamplingParams, vocab: int) -> tuple[mx.array, mx.array
     return ids, mx.array([float(b) for b in params.logit_bias.values()], mx.float32)
 
 
-def _chain(params: SamplingParams, f: dict, logits: mx.array, bias, window) -> tuple[mx.array, mx.array | None]:
+def _chain(params: SamplingParams, f: dict, logits: mx.array, bias, window, mask=()) -> tuple[mx.array, mx.array | None]:
     """The chain up to the draw. Returns the surviving logits (-inf: removed) and their token
     ids (None: all tokens in vocabulary order). params decides which steps run; f holds its
-    float parameters as arrays; bias: (ids, values) or (); window: (history, weights) or ()."""
+    float parameters as arrays; bias: (ids, values) or (); window: (history, weights) or ();
+    mask: (token bitmask,) or ()."""
     x = logits.reshape(-1).astype(mx.float32)
     if bias:
         x = apply_logit_bias(x, *bias)
     if window:
         x = apply_penalties(x, *window, f["repeat_penalty"], f["frequency_penalty"], f["presence_penalty"])
+    if mask:
+        # after bias and penalties, which leave -inf at -inf: the same as masking first (as
+        # llama.cpp does), except that a +inf bias on a masked token cannot make a NaN
+        x = apply_token_mask(x, *mask)
     if params.temp <= 0:  # greedy: only the top token is left
         best = mx.argmax(x, keepdims=True)
         return x[best], best
@@ -200,23 +219,27 @@ def _window(history: mx.array | None, n: int, ones: dict) -> tuple[mx.array, mx.
     return mx.concatenate([pad, history]), weights
 
 
-def process_logits(logits: mx.array, history: mx.array | None, params: SamplingParams) -> mx.array:
+def process_logits(logits: mx.array, history: mx.array | None, params: SamplingParams,
+                   mask: mx.array | None = None) -> mx.array:
     """The chain up to the draw, as full (1, V) float32 logits: removed tokens at -inf, the
-    rest after bias, penalties and temperature. At temperature ≤ 0 only the top token stays."""
+    rest after bias, penalties and temperature. At temperature ≤ 0 only the top token stays.
+    mask: a constraint's token bitmask (see `apply_token_mask`), or None."""
     _validate(params)
     vocab = logits.shape[-1]
     window = _window(history, params.penalty_last_n, {})
-    vals, ids = _chain(params, _float_params(params), logits, _bias_arrays(params, vocab), window)
+    masks = () if mask is None else (mask,)
+    vals, ids = _chain(params, _float_params(params), logits, _bias_arrays(params, vocab), window, masks)
     if ids is None:
         return vals[None]
     return mx.put_along_axis(mx.full((vocab,), NEG_INF, mx.float32), ids, vals, axis=0)[None]
 
 
-def make_sampler(params: SamplingParams) -> Callable[[mx.array, mx.array | None], mx.array]:
-    """A function (logits (1, V), recent tokens (n,) int32 or None) → next token (1,) int32.
+def make_sampler(params: SamplingParams) -> Callable[..., mx.array]:
+    """A function (logits (1, V), recent tokens (n,) int32 or None, mask or None) → next token (1,) int32.
 
     `history` should hold the last `params.penalty_last_n` tokens, prompt included (it is
-    ignored when no penalty is on; a longer one is cut, a shorter one is fine).
+    ignored when no penalty is on; a longer one is cut, a shorter one is fine). `mask`: a
+    constraint's bitmask of the tokens allowed (`apply_token_mask`).
     Reproducible for a given seed: the draws follow `mx.random.key(seed)`, split once per token.
     """
     _validate(params)
@@ -227,21 +250,22 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array, mx.array | None]
     ones: dict = {}
     compiled = {}
 
-    def draw(key, f, logits, bias, *window):
-        x, ids = _chain(params, f, logits, bias, window)
+    def draw(key, f, logits, bias, mask, *window):
+        x, ids = _chain(params, f, logits, bias, window, mask)
         if params.temp <= 0:
             return ids.astype(mx.int32), key
         key, sub = mx.random.split(key)
         i = mx.random.categorical(x, key=sub, shape=(1,))
         return (i if ids is None else ids[i]).astype(mx.int32), key
 
-    def sample(logits: mx.array, history: mx.array | None = None) -> mx.array:
+    def sample(logits: mx.array, history: mx.array | None = None, mask: mx.array | None = None) -> mx.array:
         nonlocal key
         vocab = logits.shape[-1]
         if vocab not in compiled:
             compiled[vocab] = (mx.compile(draw), _bias_arrays(params, vocab))
         fn, bias = compiled[vocab]
-        token, key = fn(key, f, logits, bias, *_window(history, n_hist, ones))
+        masks = () if mask is None else (mask,)
+        token, key = fn(key, f, logits, bias, masks, *_window(history, n_hist, ones))
         return token
 
     return sample

@@ -72,6 +72,44 @@ def _tokenizer_fields(path: str) -> tuple:
     return tuple(out)
 
 
+# A small SentencePiece vocabulary, for files that must stay tiny (the fuzz test's ~100 KB file).
+_TINY_WORDS = ("the of and to in is was he that it for on with as his at by had be not are from or this "
+               "have an which one you were her all she there would their we him been has when who will more no "
+               "if out so said what up its about into than them can only other new some could time these two "
+               "may then do first any my now such like our over man me even most made after also did many").split()
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_tiny_vocab(path) -> Path:
+    """A vocabulary-only GGUF (pass it as ``vocab_from``): a SentencePiece (``llama``) vocabulary
+    of ~500 tokens — <unk>, <s>, </s>, the 256 byte tokens, printable ASCII, ``▁`` + common
+    words and their prefixes, ChatML's two control tokens — and a ChatML chat template."""
+    chars = [chr(c) for c in range(0x21, 0x7F)]
+    # every prefix of each "▁word": SentencePiece's BPE reaches a word only through its pieces
+    words = list(dict.fromkeys("\u2581" + w[:k] for w in _TINY_WORDS for k in range(1, len(w) + 1)))
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "\u2581", *chars, *words,
+              "<|im_start|>", "<|im_end|>"]
+    types = [2, 3, 3, *[6] * 256, *[1] * (1 + len(chars) + len(words)), 3, 3]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 261)] + [0.0, 0.0]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHATML)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
 def _norm_type(t) -> GGMLQuantizationType:
     if isinstance(t, GGMLQuantizationType):
         name = t.name

@@ -12,10 +12,12 @@ import numpy as np
 V = gguf.GGUFValueType
 
 
-def rewrite_gguf(src, dst, *, drop_keys=(), set_keys=None, drop_tensors=(), tensor_shapes=None, add_tensors=None) -> None:
+def rewrite_gguf(src, dst, *, drop_keys=(), set_keys=None, drop_tensors=(), tensor_shapes=None, add_tensors=None,
+                 retype=None) -> None:
     """set_keys: key → (value, GGUFValueType); tensor_shapes: name → new numpy-order shape
     (the tensor's raw bytes are kept, so a new shape must hold the same number of elements);
-    add_tensors: name → numpy array (float32) written after the file's own tensors."""
+    add_tensors: name → numpy array (float32) written after the file's own tensors; retype:
+    name → (GGMLQuantizationType, its blocks as (rows, bytes per row) uint8), same shape."""
     set_keys = dict(set_keys or {})
     tensor_shapes = tensor_shapes or {}
     r = gguf.GGUFReader(src)
@@ -36,8 +38,10 @@ def rewrite_gguf(src, dst, *, drop_keys=(), set_keys=None, drop_tensors=(), tens
         if t.name in tensor_shapes:
             shape = tuple(tensor_shapes[t.name])
         qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
         raw = np.asarray(t.data).view(np.uint8).reshape(-1)
+        if t.name in (retype or {}):
+            qtype, raw = retype[t.name][0], retype[t.name][1].reshape(-1)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
         byte_shape = (*shape[:-1], shape[-1] // block * size)
         w.add_tensor(t.name, raw.reshape(byte_shape), raw_shape=byte_shape, raw_dtype=qtype)
     for name, array in (add_tensors or {}).items():

@@ -7,6 +7,7 @@ bounded memory and no numpy warnings; gguf's own reader hangs on several of them
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 import tracemalloc
@@ -231,6 +232,12 @@ HOSTILE = [
     ("tensors at the same offset", two_tensors(([8, 2],), ([8, 1],)), "tensors 'y' and 'x' overlap"),
     ("tensor past the end", two_tensors(([8, 2],), ([8, 3], T.F32, 64)),
      "file is truncated or corrupt: tensor 'y' (F32, shape (3, 8)) ends at byte 320 but the file has 288 bytes"),
+    ("gap between tensors", two_tensors(([8, 1],), ([8, 2], T.F32, 64)),
+     "tensor 'y' starts at byte 224 but tensor 'x' ends at byte 192: 32 bytes that no tensor holds"),
+    ("first tensor after the data start", one_tensor([8, 2], T.F32, 64),
+     "tensor 'x' starts at byte 192 but the data section starts at byte 128: 64 bytes"),
+    ("a smaller type leaving bytes unread", one_tensor([8, 2], T.F16),
+     "96 bytes after the end of the last tensor 'x' (byte 160) that no tensor holds"),
     ("duplicate tensor name", gguf_bytes([ARCH], [tensor_info("x", [8, 2]), tensor_info("x", [8, 2], T.F32, 64)], F32_ROWS),
      "duplicate tensor name 'x'"),
     ("zero dimension", one_tensor([8, 0]), "tensor 'x' has a zero dimension (shape (0, 8))"),
@@ -301,6 +308,10 @@ def test_opening_errors(tmp_path):
         message, _, _ = open_hostile(_write(tmp_path / f"{name}.gguf", data))
         assert expected in message
     assert "No such file" in open_hostile(tmp_path / "missing.gguf")[0]
-    assert "Is a directory" in open_hostile(tmp_path)[0]
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)  # opening a FIFO for reading would wait for a writer forever
+    for path, kind in ((tmp_path, "a directory"), (fifo, "a FIFO"), ("/dev/zero", "a device")):
+        message, seconds, _ = open_hostile(path)
+        assert message == f"{path}: not a regular file ({kind})" and seconds < 2
 
 

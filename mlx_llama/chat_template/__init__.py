@@ -22,7 +22,9 @@ transformers, messages are copied into plain JSON-like data and keys whose value
 
 Every failure is a `ChatTemplateError` (a `MlxLlamaError`, one line): a template calling
 `raise_exception(msg)` gives its subclass `TemplateRaisedError` whose `.message` is `msg`; the
-sandbox refusing an attribute gives `ChatTemplateSecurityError`.
+sandbox refusing an attribute gives `ChatTemplateSecurityError`; a render past its limits (1 s,
+1 MB of output, huge powers, repetitions or indents: `RenderLimits`, per template or by
+`set_render_limits`) gives `ChatTemplateLimitError`.
 
 Incremental chat. Rendering is deterministic (only `strftime_now` reads the clock), and for the
 built-in templates and SmolLM2's, the rendering of the first n messages is a prefix of the
@@ -40,24 +42,32 @@ The modules:
 
     template.py  `ChatTemplate`, `template_for` and the helpers callers use around them
     sandbox.py   the Jinja environment and the data a template sees (transformers' setup)
+    limits.py    the bounds every render runs under: time, output, the values it builds
     probe.py     what a template writes around the messages, read off probe renderings
     builtin.py   the built-in templates
 
 The errors are `mlx_llama.errors`' (one family), exported here too.
 """
 
-from ..errors import ChatTemplateError, ChatTemplateSecurityError, TemplateRaisedError
+from ..errors import ChatTemplateError, ChatTemplateLimitError, ChatTemplateSecurityError, TemplateRaisedError
 from .builtin import BUILTIN_TEMPLATES
-from .template import ChatTemplate, encode_chat, looks_templated, special_tokens, stop_token_ids, template_for
+from .limits import RenderLimits, default_limits, set_render_limits
+from .template import (ChatTemplate, check_file_template, encode_chat, looks_templated, special_tokens, stop_token_ids,
+                       template_for)
 
 __all__ = [
     "BUILTIN_TEMPLATES",
     "ChatTemplate",
     "ChatTemplateError",
+    "ChatTemplateLimitError",
+    "RenderLimits",
     "ChatTemplateSecurityError",
+    "check_file_template",
+    "default_limits",
     "TemplateRaisedError",
     "encode_chat",
     "looks_templated",
+    "set_render_limits",
     "special_tokens",
     "stop_token_ids",
     "template_for",

@@ -4,7 +4,8 @@ The environment is transformers' `_compile_jinja_template`, reimplemented: an
 `ImmutableSandboxedEnvironment` (templates are untrusted code from the Hub) with `trim_blocks`,
 `lstrip_blocks`, `loopcontrols` and the `{% generation %}` tag, transformers' `tojson` and its
 globals `raise_exception`, `strftime_now`, `dict` and `namespace`. The data is transformers'
-`_normalize_chat_messages` / `_plain_template_data`: plain JSON-like copies.
+`_normalize_chat_messages` / `_plain_template_data`: plain JSON-like copies. What can grow —
+operators, calls, filters, `~`, the output — goes through `limits`' checks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import ChatTemplateError, TemplateRaisedError
+from . import limits
 
 # -- the Jinja environment ----------------------------------------------------------------------
 
@@ -27,8 +29,27 @@ def _raise_exception(message):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON. Written
+    # piece by piece (json.dumps' own encoder), so a huge indent is refused, not built.
+    b = limits.budget()
+    width = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
+    b.size(width * _nesting(x), "tojson's indentation")  # the longest single piece the encoder writes
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    pieces, n = [], 0
+    for piece in encoder.iterencode(x):
+        n += len(piece)
+        b.size(n, "tojson's output")
+        pieces.append(piece)
+    return b.account("".join(pieces))
+
+
+def _nesting(x, depth: int = 0) -> int:
+    """How deep lists and dicts nest in `x` (its JSON's deepest indentation, in indents)."""
+    if isinstance(x, dict):
+        return max((_nesting(v, depth + 1) for v in x.values()), default=depth + 1)
+    if isinstance(x, (list, tuple)):
+        return max((_nesting(v, depth + 1) for v in x), default=depth + 1)
+    return depth
 
 
 def _strftime_now(format):
@@ -92,14 +113,74 @@ def _environment():
                 raise jinja2.exceptions.SecurityError(
                     f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
 
-    env = ImmutableSandboxedEnvironment(
+    env = _bounded_environment(ImmutableSandboxedEnvironment)(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters.update({name: _bounded_filter(f, limits.FILTER_CHECKS.get(name)) for name, f in env.filters.items()})
+    env.concat = limits.bounded_concat  # every text a template assembles: blocks, macros, the output
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = TemplateNamespace
     return env
+
+
+def _bounded_environment(sandbox: type) -> type:
+    """The sandbox with `limits`' checks on what can grow: the operators * ** + %, calls
+    (string methods, macros), str.format, and `a ~ b` (compiled through the bounded `concat`)."""
+    from jinja2.compiler import CodeGenerator, optimizeconst
+
+    class BoundedCodeGenerator(CodeGenerator):
+        @optimizeconst
+        def visit_Concat(self, node, frame):
+            # Jinja writes `str_join((a, b))`, which no sandbox hook sees; `concat` is the environment's.
+            self.write("concat(map(str, (")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write(")))")
+
+    class BoundedEnvironment(sandbox):
+        intercepted_binops = frozenset(("*", "**", "+", "%"))
+        code_generator_class = BoundedCodeGenerator
+
+        def call_binop(self, context, operator, left, right):
+            limits.check_binop(operator, left, right)
+            return limits.budget().account(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+            limits.check_call(__obj, args, kwargs)
+            return limits.budget().account(super().call(__context, __obj, *args, **kwargs))
+
+        def wrap_str_format(self, value):
+            formatter = super().wrap_str_format(value)
+            if formatter is None:
+                return None
+            fmt = value.__self__
+
+            @functools.wraps(formatter)
+            def bounded(*args, **kwargs):
+                limits.check_format(fmt, args, kwargs)
+                return limits.budget().account(formatter(*args, **kwargs))
+
+            return bounded
+
+    return BoundedEnvironment
+
+
+def _bounded_filter(f, check):
+    """Filter `f` with `check(value, *args, **kwargs)` first and its result's size counted after.
+    functools.wraps keeps Jinja's pass_context/pass_eval_context mark, so the context still
+    comes first in `args` when `f` takes it."""
+    passes = getattr(f, "jinja_pass_arg", None) is not None
+
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        if check is not None:
+            check(*(args[1:] if passes else args), **kwargs)
+        return limits.budget().account(f(*args, **kwargs))
+
+    return bounded
 
 
 @functools.lru_cache(maxsize=64)

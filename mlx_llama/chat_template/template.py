@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import ChatTemplateError, ChatTemplateSecurityError, TemplateRaisedError
+from ..errors import ChatTemplateError, ChatTemplateLimitError, ChatTemplateSecurityError, GGUFError, TemplateRaisedError
 from .builtin import BUILTIN_TEMPLATES, norm_name
+from .limits import RenderLimits, run_limited
 from .probe import analyze
 from .sandbox import compile_template, plain, plain_messages
 
@@ -22,10 +23,11 @@ class ChatTemplate:
     """
 
     def __init__(self, source: str, special_tokens: Mapping[str, str] | None = None, name: str = "chat template",
-                 **tokens: str):
+                 *, limits: RenderLimits | None = None, **tokens: str):
         if not isinstance(source, str) or not source:
             raise ChatTemplateError(f"{name}: the chat template is empty")
         self.name = name
+        self.limits = limits  # None: `default_limits()` at each render
         self.source = source
         self.special_tokens = {k: str(v) for k, v in {**(special_tokens or {}), **tokens}.items() if v is not None}
         try:
@@ -66,13 +68,17 @@ class ChatTemplate:
         Equals transformers' `apply_chat_template(messages, tokenize=False,
         add_generation_prompt=…, tools=…, documents=…, **kwargs)` with this template and the same
         special tokens. Note the default here is add_generation_prompt=True (transformers':
-        False): the usual call asks for the assistant's reply.
+        False): the usual call asks for the assistant's reply. Runs under `self.limits` (time,
+        output size, ...: a `ChatTemplateLimitError` past them).
         """
         data = {**self.special_tokens, **plain(kwargs)}
+        messages = plain_messages(messages)
         try:
-            return self._template.render(messages=plain_messages(messages), tools=plain(tools),
-                                         documents=plain(documents), add_generation_prompt=add_generation_prompt,
-                                         **data)
+            return run_limited(lambda: self._template.render(
+                messages=messages, tools=plain(tools), documents=plain(documents),
+                add_generation_prompt=add_generation_prompt, **data), self.limits)
+        except ChatTemplateLimitError as e:
+            raise ChatTemplateLimitError(f"{self.name}: {e}") from None
         except ChatTemplateError as e:
             raise self._error(e) if isinstance(e, TemplateRaisedError) else e
         except Exception as e:
@@ -110,7 +116,7 @@ def special_tokens(metadata: Mapping) -> dict[str, str]:
     """bos_token/eos_token/unk_token/pad_token texts from `tokenizer.ggml.*_token_id` and the vocabulary.
 
     Missing ids fall back to llama.cpp's defaults for SentencePiece vocabularies (BOS 1, EOS 2,
-    UNK 0); out-of-range ids are ignored, as llama.cpp does.
+    UNK 0); ids that are not token ids are left out (`Tokenizer` refuses such files).
     """
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     defaults = {"bos": 1, "eos": 2, "unknown": 0} if metadata.get("tokenizer.ggml.model") == "llama" else {}
@@ -118,8 +124,8 @@ def special_tokens(metadata: Mapping) -> dict[str, str]:
     for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
                       ("padding", "pad_token")):
         i = metadata.get(f"tokenizer.ggml.{key}_token_id", defaults.get(key))
-        if i is not None and 0 <= int(i) < len(tokens):
-            out[name] = str(tokens[int(i)])
+        if type(i) is int and 0 <= i < len(tokens):  # others: the tokenizer refuses the file
+            out[name] = str(tokens[i])
     return out
 
 
@@ -129,7 +135,7 @@ def _file_templates(metadata: Mapping) -> dict[str, str]:
     return {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix) and isinstance(v, str) and v}
 
 
-def template_for(metadata: Mapping, name: str | None = None) -> ChatTemplate:
+def template_for(metadata: Mapping, name: str | None = None, *, limits: RenderLimits | None = None) -> ChatTemplate:
     """The chat template to use for a GGUF file's metadata.
 
     name=None: the file's own `tokenizer.chat_template` (a `ChatTemplateError` telling to pass
@@ -146,15 +152,29 @@ def template_for(metadata: Mapping, name: str | None = None) -> ChatTemplate:
             raise ChatTemplateError(
                 "the model file has no chat template (tokenizer.chat_template); pass --chat-template NAME "
                 f"with NAME one of: {', '.join(sorted(BUILTIN_TEMPLATES))}")
-        return ChatTemplate(source, tokens, name="gguf")
+        return ChatTemplate(source, tokens, name="gguf", limits=limits)
     key = norm_name(name)
     for builtin, source in BUILTIN_TEMPLATES.items():
         if norm_name(builtin) == key:
-            return ChatTemplate(source, tokens, name=builtin)
+            return ChatTemplate(source, tokens, name=builtin, limits=limits)
     if name in named:
-        return ChatTemplate(named[name], tokens, name=f"gguf:{name}")
+        return ChatTemplate(named[name], tokens, name=f"gguf:{name}", limits=limits)
     choices = sorted(BUILTIN_TEMPLATES) + sorted(named)
     raise ChatTemplateError(f"unknown chat template {name!r} (choices: {', '.join(choices)})")
+
+
+def check_file_template(path, metadata: Mapping) -> None:
+    """Render a file's own template once (one user message, the assistant's turn opened), so
+    that a template which cannot be compiled or rendered, or runs past the render limits, is
+    reported as a `GGUFError` naming the key when the file is opened, before its weights are read."""
+    source = metadata.get("tokenizer.chat_template")
+    if not isinstance(source, str) or not source.strip():  # none (a non-string: `Tokenizer` refuses it)
+        return
+    try:
+        ChatTemplate(source, special_tokens(metadata), name="tokenizer.chat_template").render(
+            [{"role": "user", "content": "Hello"}])
+    except ChatTemplateError as e:
+        raise GGUFError(path, str(e)) from None
 
 
 # -- helpers for callers ------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import click
 
 from .bench import bench
 from .chat import chat
-from .common import fail, show_warning
+from .common import end_run, fail, show_warning
+from .convert import convert
 from .generate import generate
 from .info import info
 from .perplexity import perplexity
@@ -25,7 +26,9 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            end_run()  # a distributed run ended well on this rank
+            return result
         except click.exceptions.NoArgsIsHelpError as e:  # `mlx_llama` alone: the help, as click shows it
             click.echo(e.ctx.get_help())
             sys.exit(2)
@@ -43,5 +46,5 @@ def main():
     warnings.showwarning = show_warning
 
 
-for command in (generate, chat, perplexity, info, bench, serve):
+for command in (generate, chat, perplexity, info, bench, convert, serve):
     main.add_command(command)

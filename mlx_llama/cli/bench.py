@@ -29,6 +29,8 @@ def bench(n_prompt, n_gen, repetitions, as_json, model_path, cpu_dequantize, ver
             fail(f"-p {n_prompt} and -n {n_gen} need more than the model's context of {model.config.context_length}")
         path = model_path or _default()
         desc = b.describe_model(GGUFFile(path), model) if os.path.isfile(path) else b.describe_converted(model)
+        if hasattr(model, "world"):  # a distributed run: over how many ranks, and how
+            desc["backend"] += f" × {model.world.size} ({model.describe().split(',')[0]}, {model.world.backend})"
         results = b.run(model, n_prompt, n_gen, repetitions)
     except MlxLlamaError as e:
         fail(str(e))

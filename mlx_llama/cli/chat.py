@@ -8,7 +8,8 @@ import sys
 import click
 
 from ..errors import MlxLlamaError
-from .common import chat_template, fail, import_mlx, load_model, model_options, sampling_options, sampling_params, stats_line, template_options
+from .common import (chat_template, distributed_world, fail, import_mlx, load_model, model_options, read_line, sampling_options,
+                     sampling_params, stats_line, template_options)
 
 CHAT_HELP = "/reset clears the conversation, /system TEXT sets the system message, Ctrl-C stops an answer, Ctrl-D exits."
 
@@ -49,20 +50,26 @@ def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, ve
 
     params = sampling_params(sampling)
     try:
-        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose, check_template=template_name is None)
         session = ChatSession(model, tokenizer, chat_template(tokenizer, template_name), system=system, params=params, stop_strings=stop)
     except MlxLlamaError as e:
         fail(str(e))
     _readline_history()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, refused per line
+        sys.stdin.reconfigure(errors="surrogateescape")
     click.echo(CHAT_HELP, err=True)
     while True:
         try:
-            line = input(">>> ")
+            line = read_line(">>> ")
+            line.encode("utf-8")
         except EOFError:
             click.echo()
             return
         except KeyboardInterrupt:
             click.echo()
+            continue
+        except UnicodeError:
+            click.echo("mlx_llama: error: the line is not valid UTF-8", err=True)
             continue
         command = line.strip()
         if not command:
@@ -86,6 +93,10 @@ def chat(max_tokens, template_name, system, stop, model_path, cpu_dequantize, ve
                 sys.stdout.flush()
             click.echo()
         except KeyboardInterrupt:
+            if distributed_world() is not None:  # the other ranks cannot be stopped mid-answer: the run ends
+                click.echo("\n[interrupted]", err=True)
+                sys.stdout.flush()
+                os._exit(130)
             answer.close()
             click.echo("\n[stopped]", err=True)
         except MlxLlamaError as e:

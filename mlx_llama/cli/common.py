@@ -3,6 +3,8 @@ for models, sampling and templates, and reading a prompt."""
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import resource
 import sys
@@ -12,7 +14,7 @@ import warnings
 import click
 
 from .. import _blas
-from ..errors import MlxLlamaWarning
+from ..errors import MlxLlamaError, MlxLlamaWarning
 
 
 def fail(message: str) -> None:
@@ -43,8 +45,35 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinity too (NaN passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def utf8_text(ctx, param, value):
+    """A click callback for text options and arguments: Python hands over argv bytes that are
+    not UTF-8 as lone surrogates, which no tokenizer can encode; refuse them in one line."""
+    for text in value if isinstance(value, tuple) else (value,):
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise click.BadParameter(f"not valid UTF-8 (at character {e.start})", ctx, param) from None
+    return value
+
+
 def model_options(f):
-    """-m, --cpu-dequantize/--no-cpu-dequantize and -v, shared by the commands that run a model."""
+    """-m, --cpu-dequantize/--no-cpu-dequantize and -v, shared by the commands that run a model;
+    --pipeline/--tensor-parallel reach `load_model` without the command seeing them."""
+    for flag, help_ in (("--tensor-parallel", "Split every layer's heads and FFN over the ranks started by mlx.launch."),
+                        ("--pipeline", "Split the layers over the ranks started by mlx.launch.")):
+        f = click.option(flag, is_flag=True, expose_value=False, callback=_join_run, help=help_)(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Print the device, weight mode, BLAS and load time.")(f)
     f = click.option(
         "--cpu-dequantize/--no-cpu-dequantize",
@@ -53,27 +82,111 @@ def model_options(f):
     )(f)
     return click.option(
         "-m", "--model", "model_path", type=click.Path(),
-        help="GGUF file or converted directory (default: SmolLM2-135M-Instruct Q4_1, downloaded once into ~/.cache/mlx_llama).",
+        help="GGUF file or mlx-lm model directory (default: SmolLM2-135M-Instruct Q4_1, downloaded once into ~/.cache/mlx_llama).",
     )(f)
 
 
-def load_model(model_path, cpu_dequantize, verbose):
-    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr."""
+# A distributed run (--pipeline/--tensor-parallel): the mode, and this process's `World`.
+_RUN: dict = {}
+
+
+def _join_run(ctx, param, value):
+    """Join the run as soon as the flag is parsed, so that from then on only rank 0 prints."""
+    if not value:
+        return
+    mode = "pipeline" if param.name == "pipeline" else "tensor"
+    if _RUN.get("mode", mode) != mode:
+        raise click.UsageError("--pipeline and --tensor-parallel exclude each other")
+    if "world" not in _RUN:
+        import_mlx()
+        from ..distributed import connect, faults
+        from ..distributed.world import DEFAULT_TIMEOUT
+
+        timeout = os.environ.get("MLX_LLAMA_DIST_TIMEOUT", "")
+        try:
+            world = connect(float(timeout) if timeout else DEFAULT_TIMEOUT)
+        except ValueError:
+            fail(f"MLX_LLAMA_DIST_TIMEOUT={timeout!r}: expected a number of seconds")
+        except MlxLlamaError as e:
+            fail(str(e))
+        if world.size > 1:
+            faults.guard_process(world)
+        else:
+            click.echo(f"mlx_llama: warning: {param.opts[0]}: no other ranks (start them with mlx.launch); "
+                       "running in this process alone", err=True)
+        _RUN["world"] = world
+    _RUN["mode"] = mode
+
+
+def distributed_world():
+    """This process's `World` when it runs with --pipeline/--tensor-parallel over several ranks."""
+    world = _RUN.get("world")
+    return world if world is not None and world.size > 1 else None
+
+
+def load_model(model_path, cpu_dequantize, verbose, check_template: bool = True):
+    """The model and tokenizer, with the CPU-BLAS warning and the --verbose lines on stderr;
+    this rank's share of them in a distributed run. check_template: the file's own chat template
+    will be used, so render it once first."""
     mx = import_mlx()
     from ..download import default_model
     from ..loader import load
 
     path = model_path or default_model()
     t0 = time.perf_counter()
-    model, tokenizer = load(path, cpu_dequantize=cpu_dequantize)
+    if distributed_world() is None:
+        model, tokenizer = load(path, cpu_dequantize=cpu_dequantize, check_template=check_template)
+    else:
+        model, tokenizer = _load_share(path, cpu_dequantize)
     if verbose:
         from ..quants import subblock16_form
 
         mode = "float32 (CPU dequantized)" if model.cpu_dequantized else f"quantized (Q2_K/Q6_K: {subblock16_form()})"
         click.echo(f"model: {path}", err=True)
         click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status}", err=True)
+        if distributed_world() is not None:
+            click.echo(f"ranks: {model.world.size} over {model.world.backend} | {model.describe()}", err=True)
         click.echo(f"loaded in {time.perf_counter() - t0:.2f}s", err=True)
     return model, tokenizer
+
+
+def _load_share(path, cpu_dequantize):
+    from ..distributed import SameOnEveryRank, load
+
+    world = distributed_world()
+    try:
+        return load(path, _RUN["mode"], world, cpu_dequantize=cpu_dequantize)
+    except SameOnEveryRank as e:  # every rank has it: rank 0 says it
+        if world.rank != 0:
+            end_run()  # not a failure of this rank's own
+            sys.exit(2)
+        fail(str(e))
+
+
+def end_run() -> None:
+    """This process is done with the run: its leaving is not a failure (the other ranks would
+    end the run if it left without saying so)."""
+    world = distributed_world()
+    if world is not None and world.watchdog.links is not None:
+        world.watchdog.links.goodbye()
+
+
+def read_line(prompt: str) -> str:
+    """A line the user types (EOFError at the end of input); in a distributed run rank 0 reads
+    it and every rank gets it."""
+    world = distributed_world()
+    if world is None:
+        return input(prompt)
+    line = None
+    if world.rank == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    line = world.share_text(line)
+    if line is None:
+        raise EOFError
+    return line
 
 
 def memory_line(mx) -> str:
@@ -83,17 +196,17 @@ def memory_line(mx) -> str:
 def sampling_options(f):
     """llama.cpp's sampler settings and defaults, shared by generate and chat."""
     options = [
-        click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0), help="Temperature; 0 is greedy."),
+        click.option("--temp", default=0.8, show_default=True, type=FiniteFloat(min=0), help="Temperature; 0 is greedy."),
         click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k filter; 0 is off."),
-        click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (nucleus) filter; 1 is off."),
-        click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p filter; 0 is off."),
-        click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Repetition penalty; 1 is off."),
-        click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the penalties look back over (prompt included)."),
-        click.option("--frequency-penalty", default=0.0, show_default=True, type=float, help="Subtracted from a token's logit per occurrence in the last --repeat-last-n tokens; 0 is off."),
-        click.option("--presence-penalty", default=0.0, show_default=True, type=float, help="Subtracted once if the token occurs in the last --repeat-last-n tokens; 0 is off."),
+        click.option("--top-p", default=0.95, show_default=True, type=FiniteFloat(0, 1), help="Top-p (nucleus) filter; 1 is off."),
+        click.option("--min-p", default=0.05, show_default=True, type=FiniteFloat(0, 1), help="Min-p filter; 0 is off."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=FiniteFloat(min=0, min_open=True), help="Repetition penalty; 1 is off."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens the penalties look back over (prompt included), at most the model's context."),
+        click.option("--frequency-penalty", default=0.0, show_default=True, type=FiniteFloat(), help="Subtracted from a token's logit per occurrence in the last --repeat-last-n tokens; 0 is off."),
+        click.option("--presence-penalty", default=0.0, show_default=True, type=FiniteFloat(), help="Subtracted once if the token occurs in the last --repeat-last-n tokens; 0 is off."),
         click.option("--logit-bias", "-l", multiple=True, metavar="TOKEN(+|-)BIAS", help="Add BIAS to TOKEN's logit, as llama.cpp: 15043+1; 15043-inf bans (repeatable)."),
-        click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling."),
-        click.option("--stop", multiple=True, help="Stop when this text is generated (repeatable); it is not printed."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed (0 to 2^64-1), for reproducible sampling."),
+        click.option("--stop", multiple=True, callback=utf8_text, help="Stop when this text is generated (repeatable); it is not printed."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -116,7 +229,7 @@ def parse_logit_bias(specs) -> dict[int, float]:
             value = float(m.group(3)) if m else None
         except ValueError:
             value = None
-        if value is None:
+        if value is None or math.isnan(value):
             fail(f"--logit-bias {spec!r}: expected TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)")
         out[int(m.group(1))] = value if m.group(2) == "+" else -value
     return out
@@ -137,6 +250,8 @@ def read_prompt(argument: str | None, option: str | None, path: str | None) -> s
             fail(f"{path}: {e.strerror or e}")
         return _one_newline_less(_utf8(data, path))
     text = argument if argument is not None else option
+    if (text == "-" or text is None) and distributed_world() is not None:
+        fail("in a distributed run, give the prompt as PROMPT, -p or -f: mlx.launch passes stdin on but never closes it")
     if text == "-" or (text is None and not sys.stdin.isatty()):
         text = _one_newline_less(_utf8(sys.stdin.buffer.read(), "stdin")) or None
     if text is None:
@@ -156,8 +271,8 @@ def _one_newline_less(text: str) -> str:
 
 
 def template_options(f):
-    f = click.option("--system", default=None, help="System message (chat template only).")(f)
-    return click.option("--chat-template", "template_name", default=None,
+    f = click.option("--system", default=None, callback=utf8_text, help="System message (chat template only).")(f)
+    return click.option("--chat-template", "template_name", default=None, callback=utf8_text,
                         help="Built-in template (chatml, llama-2, llama-3, zephyr) instead of the file's own.")(f)
 
 
@@ -175,4 +290,6 @@ def stats_line(stats, mx, verbose: bool) -> str:
     )
     if verbose:
         line += f" | time to first token: {stats.prompt_seconds:.2f}s"
+        if stats.constraint_seconds:
+            line += f" | constraint: {stats.constraint_seconds / max(stats.generated_tokens, 1) * 1e3:.2f} ms/token"
     return f"{line} | {memory_line(mx)}"

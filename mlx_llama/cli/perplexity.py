@@ -23,7 +23,7 @@ def perplexity(text_file, ctx, chunks, model_path, cpu_dequantize, verbose):
     try:
         with open(text_file, encoding="utf-8", errors="replace", newline="") as fh:  # bytes as llama.cpp reads them
             text = fh.read()
-        model, tokenizer = load_model(model_path, cpu_dequantize, verbose)
+        model, tokenizer = load_model(model_path, cpu_dequantize, verbose, check_template=False)
         t0 = time.perf_counter()
 
         def show(p):  # the running value, as llama-perplexity prints it

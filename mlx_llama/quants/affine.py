@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .ggml import BadValues
+
 GROUP = 32  # MLX group size used for every affine form (GGUF sub-blocks are 32 or 16 weights)
 
 
@@ -67,18 +69,15 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(packed).reshape(rows, -1).view("<u4")
 
 
-class OutOfRange(ValueError):
-    """A block scale that float16 cannot hold (`decode_tensor` reports it as a `GGUFError`)."""
-
-
 def to_affine(q: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, exact=None) -> Affine:
     """q: (rows, ..., weights) uint8; scales, biases: one per 32 weights, float16 or float32
     (rounded to float16 here, the only rounding in any decoder — `exact` then keeps the float32
     (scales, biases, zero) for `Affine.dequantize`)."""
     rows = q.shape[0]
     s, b = scales.reshape(rows, -1).astype(np.float16), biases.reshape(rows, -1).astype(np.float16)
+    # The file's scales are finite (`finite_f16`), but a scale times a zero point can overflow float16.
     if not (np.isfinite(s).all() and np.isfinite(b).all()):
-        raise OutOfRange("block scale outside the float16 range")
+        raise BadValues("block scale outside the float16 range")
     if exact is not None:
         es, eb, zero = exact
         exact = (mx.array(es.reshape(rows, -1).astype(np.float32)), mx.array(eb.reshape(rows, -1).astype(np.float32)), zero)

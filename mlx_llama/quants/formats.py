@@ -14,8 +14,8 @@ import numpy as np
 from ..errors import GGUFError
 from ..gguf_file import TensorInfo
 from . import decoders as dec
-from .affine import Affine, OutOfRange, affine_bits_per_weight
-from .ggml import BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, type_name
+from .affine import Affine, affine_bits_per_weight
+from .ggml import BF16, F16, F32, BadValues, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, type_name
 from .subblock16 import SUBBLOCK16, Blocks, dense_values, requantized, split_blocks
 
 Weight = mx.array | Affine | Blocks  # a weight's final form: dense, MLX's affine form, or Q2_K/Q6_K blocks
@@ -138,7 +138,7 @@ def decode_tensor(path: str, t: TensorInfo, dense_dtype: mx.Dtype | None = None,
     step = blocks.shape[0] if fmt.block_size == 1 else max(1, CHUNK_WEIGHTS // t.shape[-1])
     try:
         parts = _decode_rows(blocks, decode, step)
-    except OutOfRange as e:
+    except BadValues as e:
         raise GGUFError(path, f"tensor {t.name!r}: {e}") from None
     out = _join(parts)  # lazy: the loader's mx.eval joins the pieces (briefly 2× this tensor's MLX size)
     if expand and isinstance(out, Affine):
@@ -182,7 +182,8 @@ def _decode_rows(blocks: np.ndarray, decode, step: int) -> list[Weight]:
     """`decode` over `step` rows of blocks at a time, each chunk's file pages released once decoded."""
     pages = _FilePages(blocks)
     parts = []
-    with np.errstate(over="ignore"):  # a scale overflowing float16 is caught by `to_affine`
+    # a scale overflowing float16 (or NaN, inf · 0) is caught by `to_affine` or `finite_f16`
+    with np.errstate(over="ignore", invalid="ignore"):
         for r in range(0, blocks.shape[0], step):
             chunk = blocks[r : r + step]
             parts.append(decode(chunk))

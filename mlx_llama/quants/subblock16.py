@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .affine import GROUP, Affine, to_affine
-from .ggml import Q2_K, Q6_K, crumbs, f16
+from .ggml import Q2_K, Q6_K, crumbs, finite_f16
 
 # -- gguf's values, in numpy --------------------------------------------------------------------
 
@@ -28,8 +28,8 @@ def q2_k_values(blocks) -> np.ndarray:
     # scales: 16 bytes (low nibble sc, high nibble m) | qs: 64 bytes, 2-bit | d, dmin: f16
     # w = d·sc·q − dmin·m per 16 weights → (rows, nb, 16, 16) float32, as gguf computes it
     s = blocks[..., :16]
-    dl = (f16(blocks, 80)[..., None].astype(np.float32) * (s & 15))[..., None]
-    ml = (f16(blocks, 82)[..., None].astype(np.float32) * (s >> 4))[..., None]
+    dl = (finite_f16(blocks, 80)[..., None].astype(np.float32) * (s & 15))[..., None]
+    ml = (finite_f16(blocks, 82)[..., None].astype(np.float32) * (s >> 4))[..., None]
     q = crumbs(blocks[..., 16:80]).reshape(*blocks.shape[:-1], 16, 16)
     return dl * q - ml
 
@@ -40,7 +40,7 @@ def q6_k_values(blocks) -> np.ndarray:
     ql = blocks[..., :128].reshape(*blocks.shape[:-1], 2, 1, 64)  # 2 halves of 128 weights
     ql = np.concatenate([ql & 0x0F, ql >> 4], axis=-2).reshape(*blocks.shape[:-1], 256)
     q = (ql | (crumbs(blocks[..., 128:192]) << 4)).view(np.int8) - np.int8(32)
-    dl = (f16(blocks, 208)[..., None].astype(np.float32) * blocks[..., 192:208].view(np.int8))[..., None]
+    dl = (finite_f16(blocks, 208)[..., None].astype(np.float32) * blocks[..., 192:208].view(np.int8))[..., None]
     return dl * q.reshape(*q.shape[:-1], 16, 16)
 
 
@@ -101,7 +101,7 @@ class Blocks:
 
 def split_blocks(ggml_type: int, blocks: np.ndarray) -> Blocks:
     """Q2_K/Q6_K blocks (rows, nb, type_size) → their fields (the form the CUDA kernels take too)."""
-    f16_field = lambda at: mx.array(f16(blocks, at))  # noqa: E731
+    f16_field = lambda at: mx.array(finite_f16(blocks, at))  # noqa: E731
     if ggml_type == Q6_K:
         fields = {"qs": mx.array(blocks[..., :192]), "scales": mx.array(blocks[..., 192:208].view(np.int8)), "d": f16_field(208)}
     else:

@@ -17,6 +17,7 @@ pieces are rendered back to bytes and the clean-up llama.cpp applies when detoke
 The modules, along the data path:
 
 * `vocab`         – `Tokenizer`: reads the vocabulary, ties the steps below together.
+* `checks`        – the vocabulary checked first: key types, array lengths, ids, duplicates, byte tokens.
 * `alphabet`      – token attributes (`Attr`), `<0xXX>` byte tokens, GPT-2's byte alphabet.
 * `specials`      – special tokens: roles, end of generation, quirks, cutting them out of text.
 * `pretokenizers` – the regexes that cut BPE text into words, per `tokenizer.ggml.pre`.

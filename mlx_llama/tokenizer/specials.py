@@ -61,8 +61,8 @@ def read_roles(metadata: dict, model: str, texts: list[str], attrs: list[int]) -
     roles = {k: v for k, v in _DEFAULT_ROLES[model].items() if v < n}
     for key, role in _ROLE_KEYS:
         v = metadata.get(f"tokenizer.ggml.{key}")
-        if v is not None and 0 <= int(v) < n:  # llama.cpp ignores out-of-range ids
-            roles[role] = int(v)
+        if v is not None:  # in range: `checks` refuses other ids (llama.cpp would ignore them)
+            roles[role] = v
     _find_roles_by_text(roles, texts, attrs)
     return roles
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..errors import GGUFError
 from .alphabet import BYTE_TOKEN, TYPE_TO_ATTR, Attr, byte_level_decode
+from .checks import check_vocabulary
 from .detokenize import StreamingDetokenizer, clean_spaces
 from .engines import build_bpe, build_spm
 from .pretokenizers import PRE_TOKENIZERS
@@ -48,9 +49,8 @@ class Tokenizer:
         self.model = md.get("tokenizer.ggml.model")
         if self.model not in ("gpt2", "llama"):
             raise GGUFError(self.path, f"unsupported tokenizer model {self.model!r} (supported: gpt2, llama)")
-        tokens = md.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise GGUFError(self.path, "missing metadata key 'tokenizer.ggml.tokens'")
+        check_vocabulary(self.path, md)
+        tokens = md["tokenizer.ggml.tokens"]
         # llama.cpp renames empty tokens so that every text is unique and non-empty.
         self._texts: list[str] = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         self.vocab_size = len(self._texts)
@@ -121,6 +121,9 @@ class Tokenizer:
 
     # -- decoding -------------------------------------------------------------------------------
 
+    def token_attr(self, token_id: int) -> int:
+        """llama.cpp's attribute bits of one token (`llama_token_get_attr`): `alphabet.Attr` flags."""
+        return self._attr[token_id]
 
     def token_to_piece(self, token_id: int, special: bool = False) -> bytes:
         """The bytes of one token (llama.cpp's `llama_token_to_piece` with lstrip=0).
