@@ -9,7 +9,7 @@ affine form) and the tokenizer files; `--help` lists the options (`mlx_llama.con
 
 import sys
 
-from mlx_llama.cli import main
+from mlx_llama.cli import run
 
 if __name__ == "__main__":
-    main(["convert", "gguf-to-mlx", *sys.argv[1:]], prog_name="gguf_to_mlx.py")
+    run(["convert", "gguf-to-mlx", *sys.argv[1:]], prog_name="gguf_to_mlx.py")

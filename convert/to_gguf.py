@@ -9,7 +9,7 @@ become --outtype; the table printed gives the error of each conversion (`mlx_lla
 
 import sys
 
-from mlx_llama.cli import main
+from mlx_llama.cli import run
 
 if __name__ == "__main__":
-    main(["convert", "mlx-to-gguf", *sys.argv[1:]], prog_name="to_gguf.py")
+    run(["convert", "mlx-to-gguf", *sys.argv[1:]], prog_name="to_gguf.py")

@@ -13,7 +13,6 @@ fix (MLX_LLAMA_BLAS_WARNING=off silences it, as does a `warnings` filter on Slow
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import ctypes.util
 import os
@@ -63,7 +62,6 @@ def preload() -> str:
                 continue
             if _has_cblas(lib):
                 status, fast = f"{name} (preloaded)", True
-                atexit.register(_drain)
                 break
         else:
             missing = f"could not load MLX_LLAMA_BLAS={setting}" if setting else "no OpenBLAS found"
@@ -71,19 +69,6 @@ def preload() -> str:
             fix = ("point MLX_LLAMA_BLAS at a library exporting cblas_sgemm, or unset it" if setting
                    else "on Debian/Ubuntu run `sudo apt install libopenblas0`")
     return status
-
-
-def _drain() -> None:
-    """At exit, before the libraries' own exit handlers: wait for MLX's queued work. A decode
-    loop queues step n+1 before it hands out token n, so a process that stops early can exit
-    with a matmul running on MLX's CPU thread; OpenBLAS's exit handler then waits for its worker
-    threads while that call holds them, and the process hangs instead of exiting."""
-    mx = sys.modules.get("mlx.core")
-    if mx is not None:
-        try:
-            mx.synchronize()
-        except Exception:  # noqa: BLE001 - exiting anyway; nothing to report
-            pass
 
 
 def warn_if_slow() -> None:

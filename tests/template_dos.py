@@ -86,6 +86,11 @@ def run(name: str, source: str) -> dict:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--cap-data"]:  # the caller's memory cap, set here (not in a preexec_fn)
+        import resource
+
+        cap = int(sys.argv[2])
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     for name, (_, source) in CASES.items():
         print(json.dumps(run(name, source)), flush=True)
     return 0

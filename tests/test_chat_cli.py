@@ -4,6 +4,7 @@ import os
 import pty
 import re
 import select
+import subprocess
 import sys
 import time
 
@@ -14,11 +15,15 @@ STATS = re.compile(r"prompt: (\d+) tokens(?: \(\+(\d+) cached\))?,.*?finish: (\w
 
 class Terminal:
     def __init__(self, argv):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # child: the chat program, with the pty as its terminal
-            os.environ["TERM"] = "dumb"
-            os.environ["HOME"] = os.environ.get("MLX_LLAMA_TEST_HOME", "/tmp")
-            os.execv(sys.executable, [sys.executable, "-m", "mlx_llama", *argv])
+        # The chat program with a pty as its controlling terminal (`setsid -c`), started by
+        # subprocess (vfork: no fork handlers run here; OpenBLAS's, after this process ran
+        # MLX on the CPU, can wait forever for one of its threads).
+        self.fd, child = pty.openpty()
+        env = dict(os.environ, TERM="dumb", HOME=os.environ.get("MLX_LLAMA_TEST_HOME", "/tmp"))
+        self.proc = subprocess.Popen(["setsid", "-c", sys.executable, "-m", "mlx_llama", *argv],
+                                     stdin=child, stdout=child, stderr=child, env=env, close_fds=True)
+        os.close(child)
+        self.pid = self.proc.pid
         self.output = ""
         self.pos = 0  # output before this was consumed by earlier reads
 

@@ -5,7 +5,6 @@ template is broken fails at load, before its weights are read."""
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import threading
@@ -28,13 +27,11 @@ HELLO = [{"role": "user", "content": "Hello"}]
 LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 
 
-def _cap_memory():
-    resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))  # a failed guard fails the run, not the machine
-
-
 def test_hostile_templates_are_refused_or_stopped(capsys):
-    r = subprocess.run([sys.executable, str(HERE / "template_dos.py")], capture_output=True, text=True, timeout=300,
-                       preexec_fn=_cap_memory)
+    # the script caps its own memory (a failed guard fails the run, not the machine): no preexec_fn,
+    # whose fork would run OpenBLAS's fork handler in this process (it can hang)
+    r = subprocess.run([sys.executable, str(HERE / "template_dos.py"), "--cap-data", str(2 << 30)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["case"] for x in results] == list(CASES)

@@ -6,6 +6,7 @@ Every error a user can cause — a bad flag, a bad file, a bad request — is on
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -48,3 +49,30 @@ def main():
 
 for command in (generate, chat, perplexity, info, bench, convert, serve):
     main.add_command(command)
+
+
+def run(args=None, prog_name=None) -> None:
+    """The process entry point (`mlx_llama`, `python -m mlx_llama`): `main`, then an exit that
+    skips the native libraries' exit handlers. OpenBLAS's (0.3.21, Debian 12's) can wait forever
+    for one of its worker threads at exit; everything the command wrote is flushed first and
+    MLX's queued work finished. In-process callers (click's test runner) call `main` itself."""
+    try:
+        main.main(args, prog_name=prog_name)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    finally:
+        mx = sys.modules.get("mlx.core")
+        if mx is not None:
+            try:
+                mx.synchronize()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to say
+                pass
+    os._exit(code)
