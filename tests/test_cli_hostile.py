@@ -49,9 +49,9 @@ USAGE = [
     (["--raw", "--system", "s"], "--raw sends the prompt as it is: it cannot take --chat-template or --system"),
 ]
 MODEL = [
-    (["-m", "DIR"], "DIR: not a regular file (nor a directory written by the converter)"),
-    (["-m", "DIR/fifo.gguf"], "DIR/fifo.gguf: not a regular file (nor a directory written by the converter)"),
-    (["-m", "/dev/zero"], "/dev/zero: not a regular file (nor a directory written by the converter)"),
+    (["-m", "DIR"], "DIR: not a GGUF file or a model directory (no config.json)"),
+    (["-m", "DIR/fifo.gguf"], "DIR/fifo.gguf: not a regular file or a model directory"),
+    (["-m", "/dev/zero"], "/dev/zero: not a regular file or a model directory"),
     (["-m", "DIR/missing.gguf"], "DIR/missing.gguf: No such file or directory"),
     (["-m", "MODEL", "--repeat-last-n", str(10**9), "--repeat-penalty", "1.1"],
      "repeat_last_n 1000000000 is more than the model's context of 256 tokens"),

@@ -45,9 +45,9 @@ class DistributedModel:
     def shared_sampler(self, sample):
         """`sample` run on rank 0 only; its token reaches every rank (`generation` asks for this)."""
 
-        def shared(logits: mx.array, history: mx.array | None = None) -> mx.array:
+        def shared(logits: mx.array, history: mx.array | None = None, mask: mx.array | None = None) -> mx.array:
             if self.world.rank == 0:
-                token = sample(logits, history)
+                token = sample(logits, history, mask)
             else:  # the shape, and an order: after this rank's part of the step
                 token = mx.depends(mx.zeros((1,), mx.int32), logits)
             return self.world.share(token)
