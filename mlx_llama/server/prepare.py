@@ -85,13 +85,13 @@ def render(encode):
 
 
 def matcher(prepared: Prepared, tokenizer, n_vocab: int) -> TokenMatcher | None:
-    """The answer's place in the constraint; its first mask is computed here, so a constraint
-    no text can match is a 400 before the request waits for a slot."""
+    """The answer's place in the constraint, checked here (its first mask): a constraint no text
+    can match is a 400 before the request waits for a slot."""
     if prepared.constraint is None:
         return None
     try:
         made = prepared.constraint.matcher(tokenizer, n_vocab)
-        made.mask()
+        made.check()
     except ConstraintError as e:
         raise RequestError(str(e), param=prepared.param, code="invalid_value") from None
     return made
