@@ -16,6 +16,8 @@ import pytest
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
+from mlx_llama.prompt import file_template  # noqa: E402
+from mlx_llama.tools import tool_prompt  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 from test_server import CHAT, KEY, post, user  # noqa: E402
 
@@ -125,17 +127,22 @@ def test_forced_tool_call(client, model_id, alone, choice, names):
     check_call(choice0.message.tool_calls[0], names)
 
 
-def test_a_call_and_its_result_in_the_history(client, model_id):
-    """The next turn: the assistant's call (OpenAI's JSON-text arguments) and the tool's answer
-    are rendered; tool_choice "none" shows no tools, so the answer is text."""
+def test_a_call_and_its_result_in_the_history(client, model_id, smol_tokenizer):
+    """The next turn: the assistant's call (OpenAI's JSON-text arguments) and the tool's result
+    are rendered as the package renders them (the result named after its call's tool);
+    tool_choice "none" shows no tools and parses no calls, so the answer is text."""
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
     messages = user("What is the weather in Paris?") + [
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "sunny"}'}]
     r = client.chat.completions.create(model=model_id, messages=messages, tools=TOOLS, tool_choice="none",
-                                       temperature=0, max_tokens=12)
+                                       temperature=0, max_tokens=8)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    named = [*messages[:2], dict(messages[2], name="get_weather")]
+    prompt, _ = tool_prompt(smol_tokenizer, file_template(smol_tokenizer), named, TOOLS, "none")
+    assert r.usage.prompt_tokens == len(prompt.ids)
+    assert '"tool": "get_weather"' in smol_tokenizer.decode(prompt.ids)
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -143,7 +150,9 @@ def test_a_call_and_its_result_in_the_history(client, model_id):
 
 def bad_requests(model_id: str) -> list[tuple[str, dict, str, str]]:
     """(what, the request's extra fields, the field named, a word of the message)."""
-    schema = lambda s: {"response_format": person_format(s)}  # noqa: E731
+    def schema(s):
+        return {"response_format": person_format(s)}
+
     weather = {"type": "function", "function": {"name": "get_weather"}}
     return [
         ("unknown response_format type", {"response_format": {"type": "xml"}}, "response_format", "xml"),

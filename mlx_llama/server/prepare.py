@@ -41,7 +41,7 @@ def completion(tokenizer, req: CompletionRequest) -> Prepared:
 def chat(tokenizer, template, req: ChatRequest) -> Prepared:
     """The messages rendered by the chat template, with the tools when the request has any;
     the constraint of its response_format, or of the tool call it forces."""
-    messages = [m.as_dict() for m in req.messages]
+    messages = named_results([m.as_dict() for m in req.messages])
     constraint = response_constraint(req)
     if req.tools is None:
         if req.tool_choice not in (None, "none", "auto"):
@@ -65,6 +65,15 @@ def chat(tokenizer, template, req: ChatRequest) -> Prepared:
     except (ConstraintError, ToolCallError) as e:  # a tool's parameters are not a usable schema
         raise RequestError(str(e), param="tools", code="invalid_value") from None
     return Prepared(prompt, call, "tools", fmt)
+
+
+def named_results(messages: list[dict]) -> list[dict]:
+    """Tool results with the name of the tool whose call they answer (OpenAI's clients send the
+    call's id alone; templates and the generic format show the name)."""
+    names = {c.get("id"): c.get("function", {}).get("name") for m in messages for c in m.get("tool_calls") or []
+             if isinstance(c, dict) and isinstance(c.get("function"), dict)}
+    return [m | {"name": names[m["tool_call_id"]]} if m["role"] == "tool" and "name" not in m
+            and names.get(m.get("tool_call_id")) else m for m in messages]
 
 
 def response_constraint(req) -> Constraint | None:
