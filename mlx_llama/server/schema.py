@@ -4,7 +4,7 @@ dicts OpenAI sends, errors as OpenAI's error JSON.
 Sampling fields map onto llama.cpp's sampler chain (`sample.SamplingParams`); a field the
 request leaves out keeps llama.cpp's default, as `mlx_llama generate` does. `top_k`, `min_p` and
 `repeat_penalty` are llama.cpp's extensions of the schema. `response_format` and `tools` are
-turned into a constraint and a prompt by `structured.py`; a chat answer with tools is parsed
+turned into a constraint and a prompt by `prepare.py`; a chat answer with tools is parsed
 into OpenAI's `tool_calls` here (`Reply`).
 """
 
