@@ -113,8 +113,10 @@ def test_one_constrained_row_is_the_constrained_loop(smollm2, prompts):
     assert seq.matcher.finished and json.loads(alone)["city"]
 
 
-# greedy: also over HTTP (test_server_structured), so it runs with -m slow
-@pytest.mark.parametrize("params", [pytest.param(SamplingParams(temp=0), id="greedy", marks=pytest.mark.slow),
+# constrained and free requests in one batch, greedy and seeded, are also checked over HTTP
+# (test_server_structured), so this one (rows joining mid-way, a regex row) runs with -m slow
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [pytest.param(SamplingParams(temp=0), id="greedy"),
                                     pytest.param(SamplingParams(temp=0.9, seed=5), id="seeded")])
 def test_constrained_and_free_rows_share_a_batch(smollm2, prompts, params):
     """A JSON-schema row, a regex row and a free row, joining at different steps: each gets the
