@@ -71,6 +71,7 @@ class Sequence:
         self.next = self.sampler(logits, self.matcher.mask())
         token = self.next.item()
         self.matcher.advance(token)
+        self.stats.constraint_seconds = self.matcher.seconds
         return token
 
     def draw(self, logits: mx.array, taken: bool) -> None:
