@@ -6,6 +6,10 @@ layers, where a CPU spends its time, multiply all rows at once (one matrix produ
 one matrix-vector product per sequence), and attention runs per row against that sequence's own
 cache, so sequences of any lengths can share a step. Sequences join and leave between steps.
 
+A sequence under a constraint (`constraints.TokenMatcher`) draws each token under its own mask;
+token n+1's mask needs token n, so a step queues the forward pass first and each such row's
+matcher takes its last token and computes its next mask on the CPU while the pass runs.
+
 The batch always has `rows` rows, idle ones padded: BLAS picks its kernel by the matrix shape,
 and a different kernel sums in another order, so a fixed shape is what makes a sequence's
 tokens independent of how many others run beside it. With one row the step is the same
@@ -19,10 +23,12 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from .errors import MlxLlamaError
 from .generation import PREFILL_CHUNK, GenerationStats, TokenSampler, TokenText, prefill_chunks, token_budget
 from .sample import SamplingParams
 
 if TYPE_CHECKING:
+    from .constraints import TokenMatcher
     from .model import Model
     from .tokenizer import Tokenizer
 
@@ -34,11 +40,14 @@ class Sequence:
     ids: the tokens to prefill after the `cache[0].offset` tokens the cache already holds
     (`past`, which the penalties see too). The first `max_tokens` sampled tokens are generated
     at most (fewer when the context is reached: `stats.finish_reason` says which).
+    matcher: a constraint's state for this sequence; it ends once the matcher is finished.
+    `error` is set (one line) when the constraint failed; the sequence then draws no more.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, ids: list[int], max_tokens: int, *,
                  params: SamplingParams, cache, stop_ids: set[int], stop_strings=(), past: list[int] = (),
-                 context: int | None = None, stats: GenerationStats | None = None):
+                 context: int | None = None, stats: GenerationStats | None = None,
+                 matcher: TokenMatcher | None = None):
         self.model, self.cache = model, cache
         self.stats = stats if stats is not None else GenerationStats()
         context = context if context is not None else model.config.context_length
@@ -47,6 +56,7 @@ class Sequence:
         self.text = TokenText(tokenizer, stop_ids, stop_strings, self.stats, time.perf_counter())
         self._prefill = prefill_chunks(model, mx.array(ids, mx.int32), cache)
         self.next: mx.array | None = None  # (1,) the sampled token the next step feeds in
+        self.matcher, self.error = matcher, None
 
     def prefill(self) -> int | None:
         """Run the next chunk (`PREFILL_CHUNK` tokens) of the prompt; once it is all in, the
@@ -54,13 +64,39 @@ class Sequence:
         logits = next(self._prefill)
         if logits is None:
             return None
-        self.next = self.sampler(logits)
-        return self.next.item()
+        if self.matcher is None:
+            self.next = self.sampler(logits)
+            return self.next.item()
+        mx.async_eval(logits)  # the first mask is computed while the last chunk runs
+        self.next = self.sampler(logits, self.matcher.mask())
+        token = self.next.item()
+        self.matcher.advance(token)
+        self.stats.constraint_seconds = self.matcher.seconds
+        return token
+
+    def draw(self, logits: mx.array, taken: bool) -> None:
+        """Queue the next token (`next`) from this row's logits (1, V). Under a constraint the
+        matcher first takes the token queued before (unless `taken`: the first token, which
+        `prefill` gave it); a finished or failed constraint draws nothing more."""
+        if self.matcher is None:
+            self.next = self.sampler(logits)
+            return
+        try:
+            if not taken:
+                self.matcher.advance(self.next.item())
+            if not self.matcher.finished:
+                self.next = self.sampler(logits, self.matcher.mask())
+        except MlxLlamaError as e:
+            self.error = str(e)
+        self.stats.constraint_seconds = self.matcher.seconds
 
     def add(self, token: int) -> str:
         """The text this sampled token completes; afterwards `done` says whether to stop."""
         text = self.text.add(token)
-        if not self.text.done and len(self.stats.sampled) >= self.max_tokens:
+        finished = self.matcher is not None and self.matcher.finished
+        if not self.text.done and (finished or len(self.stats.sampled) >= self.max_tokens):
+            if finished:  # its end-of-generation token, though not one of stop_ids
+                self.stats.finish_reason = "stop"
             text += self.text.close()
         return text
 
@@ -101,17 +137,21 @@ class Batch:
 
     def step(self) -> list[tuple[Sequence, int]]:
         """Queue one more token for every sequence; return the tokens queued by the step
-        before, as (sequence, token) — none for a sequence that just joined."""
+        before, as (sequence, token) — none for a sequence that just joined, or whose constraint
+        failed in this step (its `error` says why)."""
         live = [(i, s) for i, s in enumerate(self.rows) if s is not None]
         if not live:
             return []
         tokens = mx.concatenate([s.next if s is not None else self.pad for s in self.rows])  # (rows,)
         caches = [[s.cache[layer] if s is not None else None for s in self.rows] for layer in range(len(self.model.blk))]
         logits = self.model(tokens[:, None], caches)[:, -1, :]  # (rows, vocab)
+        if any(s.matcher is not None for _, s in live):
+            mx.async_eval(logits)  # the pass runs while the matchers compute their masks
         handed = []
         for i, seq in live:
-            previous, seq.next = seq.next, seq.sampler(logits[i : i + 1])
-            if i not in self.fresh:
+            previous = seq.next
+            seq.draw(logits[i : i + 1], taken=i in self.fresh)
+            if i not in self.fresh and seq.error is None:
                 handed.append((seq, previous))
         self.fresh.clear()
         mx.async_eval([s.next for _, s in live])

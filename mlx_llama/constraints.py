@@ -276,16 +276,25 @@ class TokenMatcher:
     def mask(self) -> mx.array:
         """The tokens allowed next, as a ((n_vocab + 31) // 32,) uint32 bitmask (llguidance's layout)."""
         t0 = time.perf_counter()
+        self._compute()
+        words = mx.array(self._words.view(np.uint32))  # a copy: the buffer is reused next step
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+        return words
+
+    def check(self) -> None:
+        """Raise what the first `mask()` would (no text matches the constraint), without MLX:
+        a server checks a request in another thread than the one that decodes it."""
+        self._compute()
+
+    def _compute(self) -> None:
+        """The next mask into the buffer, checked."""
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         if self.steps == 0 and (self._matcher.is_error() or not self._allows_text()):
             raise ConstraintError(f"{self.name}: no text matches it")
         self._raise_if_failed()
         if not self._words.any():
             raise ConstraintError(f"{self.name}: no token can continue the output")
-        words = mx.array(self._words.view(np.uint32))  # a copy: the buffer is reused next step
-        self.seconds += time.perf_counter() - t0
-        self.steps += 1
-        return words
 
     def advance(self, token: int) -> None:
         """Take the sampled token (one the last mask allowed)."""

@@ -1,8 +1,9 @@
 """The HTTP layer: Starlette routes for OpenAI's endpoints, the chat page and /health.
 
-A request is checked here (key, size, JSON, fields), turned into token ids by
-`prompt.encode_prompt` and handed to the scheduler as a `Job`; the scheduler's events come back
-through an asyncio queue and go out as one JSON body or as server-sent events. Everything a
+A request is checked here (key, size, JSON, fields), turned into token ids and a constraint by
+`prepare.py` and handed to the scheduler as a `Job`; the scheduler's events come back
+through an asyncio queue and go out as one JSON body or as server-sent events (an answer with
+tools is sent whole at its end, its calls parsed out: the text is the call). Everything a
 client can get wrong is answered with OpenAI's error JSON, one line of message.
 """
 
@@ -21,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import MlxLlamaError
-from ..prompt import encode_prompt
+from ..tools import ToolFormat
+from . import prepare
 from .scheduler import Busy, Failed, Finished, Job, Piece, Scheduler, Started
 from .schema import ChatRequest, CompletionRequest, Reply, RequestError, parse_body
 
@@ -79,46 +80,47 @@ class Server:
 
     # ---- a request → a job ------------------------------------------------------------------
 
-    def make_job(self, req, prompt, template) -> Job:
-        """Tokenize and check a request (in a worker thread: a long prompt takes a while)."""
+    def make_job(self, req, build) -> tuple[Job, ToolFormat | None]:
+        """Check a request and make its job; `build()` gives its prompt and constraint
+        (`prepare.py`). In a worker thread: a long prompt takes a while to tokenize."""
         vocab = self.scheduler.model.config.vocab_size
         params = req.sampling(vocab)
         limit = req.limit()
         if limit is not None and limit > self.settings.max_tokens:
             raise RequestError(f"max_tokens is {limit}, more than this server's limit of {self.settings.max_tokens}",
                                param="max_tokens", code="invalid_value")
-        try:
-            encoded = encode_prompt(self.tokenizer, prompt, template)
-        except MlxLlamaError as e:
-            raise RequestError(str(e), param="messages" if template else "prompt") from None
-        context = self.scheduler.context
-        if not encoded.ids:
+        prepared = build()
+        ids, context = prepared.prompt.ids, self.scheduler.context
+        if not ids:
             raise RequestError("the prompt is empty (no tokens)", param="prompt", code="invalid_value")
-        bad = next((t for t in encoded.ids if not 0 <= t < vocab), None)  # token ids given as such
+        bad = next((t for t in ids if not 0 <= t < vocab), None)  # token ids given as such
         if bad is not None:
             raise RequestError(f"token {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt",
                                code="invalid_value")
-        if len(encoded.ids) >= context:
-            raise RequestError(f"the prompt has {len(encoded.ids)} tokens, more than the context of {context}",
+        if len(ids) >= context:
+            raise RequestError(f"the prompt has {len(ids)} tokens, more than the context of {context}",
                                code="context_length_exceeded")
-        return Job(encoded.ids, params, limit or self.settings.max_tokens, encoded.stop_ids, tuple(req.stop or ()))
+        job = Job(ids, params, limit or self.settings.max_tokens, prepared.prompt.stop_ids, tuple(req.stop or ()),
+                  matcher=prepare.matcher(prepared, self.tokenizer, vocab))
+        return job, prepared.tools
 
     async def chat(self, request: Request) -> Response:
         self.authorize(request)
         req = parse_body(await self.read_body(request), ChatRequest)
         self.check_model(req.model)
-        if self.settings.template is None:
+        template = self.settings.template
+        if template is None:
             raise RequestError("the model has no chat template: use /v1/completions, or start the server "
                                "with --chat-template NAME", code="no_chat_template")
-        messages = [m.as_dict() for m in req.messages]
-        job = await anyio.to_thread.run_sync(self.make_job, req, messages, self.settings.template)
-        return await self.run(request, job, req, Reply(True, self.settings.model_id))
+        job, tools = await anyio.to_thread.run_sync(self.make_job, req,
+                                                    lambda: prepare.chat(self.tokenizer, template, req))
+        return await self.run(request, job, req, Reply(True, self.settings.model_id, tools))
 
     async def completions(self, request: Request) -> Response:
         self.authorize(request)
         req = parse_body(await self.read_body(request), CompletionRequest)
         self.check_model(req.model)
-        job = await anyio.to_thread.run_sync(self.make_job, req, req.text(), None)
+        job, _ = await anyio.to_thread.run_sync(self.make_job, req, lambda: prepare.completion(self.tokenizer, req))
         return await self.run(request, job, req, Reply(False, self.settings.model_id))
 
     # ---- a job → a response -----------------------------------------------------------------
@@ -234,12 +236,20 @@ class EventStream(Response):
 
         if self.reply.chat:
             await data(self.reply.chunk(role=True))
+        held = []  # with tools: the whole answer, parsed at its end
         while True:
             event = await self.events.get()
             if isinstance(event, Piece):
-                await data(self.reply.chunk(event.text))
+                if self.reply.tools is None:
+                    await data(self.reply.chunk(event.text))
+                else:
+                    held.append(event.text)
             elif isinstance(event, Finished):
-                await data(self.reply.chunk(finish_reason=event.finish_reason))
+                finish_reason = event.finish_reason
+                if self.reply.tools is not None:
+                    message, finish_reason = self.reply.message("".join(held), event)
+                    await data(self.reply.message_chunk(message))
+                await data(self.reply.chunk(finish_reason=finish_reason))
                 if self.include_usage:
                     await data(self.reply.usage_chunk(event))
                 break

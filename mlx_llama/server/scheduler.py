@@ -23,7 +23,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 
@@ -31,6 +31,9 @@ from ..batch import Batch, Sequence
 from ..chat import common_prefix
 from ..errors import MlxLlamaError
 from ..sample import SamplingParams
+
+if TYPE_CHECKING:
+    from ..constraints import TokenMatcher
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Job:
     max_tokens: int
     stop_ids: set[int]
     stop_strings: tuple[str, ...] = ()
+    matcher: TokenMatcher | None = None  # the constraint the answer must match, this job's state in it
     emit: Callable[[object], None] = lambda event: None  # called from the scheduler's thread
     cancelled: bool = False
 
@@ -187,7 +191,7 @@ class Scheduler:
         try:
             slot.seq = Sequence(self.model, self.tokenizer, job.ids[keep:], job.max_tokens, params=job.params,
                                 cache=slot.cache, stop_ids=job.stop_ids, stop_strings=job.stop_strings,
-                                past=job.ids[:keep], context=self.context)
+                                past=job.ids[:keep], context=self.context, matcher=job.matcher)
         except MlxLlamaError as e:
             job.emit(Failed(str(e)))
             self._release(slot)
@@ -200,7 +204,12 @@ class Scheduler:
         if not filling:
             return
         slot = min(filling, key=lambda s: s.admitted)
-        token = slot.seq.prefill()
+        try:
+            token = slot.seq.prefill()
+        except MlxLlamaError as e:  # the constraint's first mask: this job fails, the others go on
+            slot.job.emit(Failed(str(e)))
+            self._release(slot)
+            return
         if token is not None:
             self._deliver(slot, token)
             if slot.job is not None:  # not finished by its first token
@@ -217,6 +226,10 @@ class Scheduler:
             slot = by_seq[id(seq)]
             if not slot.job.cancelled:
                 self._deliver(slot, token)
+        for slot in self.slots:
+            if slot.seq is not None and slot.seq.error is not None:
+                slot.job.emit(Failed(slot.seq.error))
+                self._release(slot)
 
     def _deliver(self, slot: Slot, token: int) -> None:
         seq, job = slot.seq, slot.job

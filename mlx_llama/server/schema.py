@@ -3,7 +3,9 @@ dicts OpenAI sends, errors as OpenAI's error JSON.
 
 Sampling fields map onto llama.cpp's sampler chain (`sample.SamplingParams`); a field the
 request leaves out keeps llama.cpp's default, as `mlx_llama generate` does. `top_k`, `min_p` and
-`repeat_penalty` are llama.cpp's extensions of the schema.
+`repeat_penalty` are llama.cpp's extensions of the schema. `response_format` and `tools` are
+turned into a constraint and a prompt by `prepare.py`; a chat answer with tools is parsed
+into OpenAI's `tool_calls` here (`Reply`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..sample import SamplingParams
+from ..tools import ToolFormat, parse_tool_calls
 
 
 class RequestError(Exception):
@@ -76,6 +79,7 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(default_factory=dict)
     n: int = Field(1, ge=1, le=1)
     logprobs: bool | int | None = None
+    response_format: dict | None = None  # checked by `constraints.response_format`
 
     @field_validator("stop")
     @classmethod
@@ -126,26 +130,28 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, in OpenAI's form
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+    name: str | None = None
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        extra = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id, "name": self.name}
+        return out | {k: v for k, v in extra.items() if v is not None}
 
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list | None = None
+    tools: list | None = None  # checked by `tools.check_tools`
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a model writes as many calls as it does
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def sampling(self, vocab_size: int) -> SamplingParams:
-        if self.tools:
-            raise RequestError("tools are not supported", param="tools", code="unsupported")
-        return super().sampling(vocab_size)
 
 
 class CompletionRequest(SamplingRequest):
@@ -184,20 +190,30 @@ def timings(done) -> dict:
 
 
 class Reply:
-    """One response's id, kind and model, and its bodies and stream chunks."""
+    """One response's id, kind and model, and its bodies and stream chunks.
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+    tools: the format the model writes calls in, when the request has tools: the answer's calls
+    are parsed out of its text into OpenAI's `tool_calls` (finish_reason "tool_calls")."""
+
+    def __init__(self, chat: bool, model: str, tools: ToolFormat | None = None):
+        self.chat, self.model, self.tools = chat, model, tools
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def _wrap(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
 
+    def message(self, text: str, done) -> tuple[dict, str]:
+        """A chat answer's assistant message and finish_reason."""
+        if self.tools is None:
+            return {"role": "assistant", "content": text}, done.finish_reason
+        answer = parse_tool_calls(text, self.tools)
+        return answer.openai(), "tool_calls" if answer.tool_calls else done.finish_reason
+
     def body(self, text: str, done) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": done.finish_reason}
+            message, finish_reason = self.message(text, done)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
             return self._wrap("chat.completion", [choice], usage=usage(done), timings=timings(done))
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
         return self._wrap("text_completion", [choice], usage=usage(done), timings=timings(done))
@@ -209,6 +225,14 @@ class Reply:
             return self._wrap("chat.completion.chunk", [choice])
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return self._wrap("text_completion", [choice])
+
+    def message_chunk(self, message: dict) -> dict:
+        """A whole assistant message as one chunk: its text, and its calls with their `index`."""
+        delta = {"content": message["content"]} if message["content"] is not None else {}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._wrap("chat.completion.chunk", [choice])
 
     def usage_chunk(self, done) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
