@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 CONVERT = str(ROOT / "convert" / "gguf_to_mlx.py")
 TOKENS = mx.array([list(range(5, 37))])
-DELAYS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # seconds after its start a conversion is killed
+DELAYS = (1.0, 2.0, 3.0)  # seconds after its start a conversion is killed
 
 # Runs the converter with a file-size limit: the kernel kills it (SIGXFSZ, which Python ignores
 # unless told otherwise) at the write that takes any one file past N bytes.

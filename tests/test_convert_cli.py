@@ -114,7 +114,9 @@ def interrupt_when(proc, ready, sig, timeout=300):
     return proc.wait(timeout=120)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+# SIGINT with `-m slow`: in full-suite runs it sometimes had no effect (the conversion finished),
+# never when run alone; see test_chat_cli's Ctrl-C test
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL])
 def test_conversion_killed_mid_write_leaves_no_output(tiny_dir, tmp_path, sig):
     out = tmp_path / "out.gguf"
     partial = lambda: list(tmp_path.glob(".out.gguf.partial-*"))

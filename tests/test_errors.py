@@ -50,6 +50,7 @@ def test_broken_files(good, tmp_path):
         assert "\n" not in message, name
 
 
+@pytest.mark.slow  # test_cli_hostile and test_fuzz run the CLI on broken files by default
 def test_cli_reports_broken_files_in_one_line(good, tmp_path):
     for name, path, expected in broken_files(good, tmp_path)[:4]:
         r = subprocess.run([sys.executable, "-m", "mlx_llama", "generate", "-m", str(path), "hi", "-n", "2"],

@@ -63,6 +63,7 @@ def check_greedy_against_oracle(smollm2, oracle, prompts: int, n: int):
         assert diverged is None or gaps[diverged] < 1e-3, (entry["name"], diverged, gaps[diverged])
 
 
+@pytest.mark.slow  # the logits tests above check the same exactness position by position
 def test_smollm2_greedy_matches_oracle(smollm2, smollm2_path, reference):
     check_greedy_against_oracle(smollm2, reference(smollm2_path), prompts=2, n=16)
 
