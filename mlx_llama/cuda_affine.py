@@ -4,7 +4,7 @@ Decoding multiplies each weight matrix by one activation row (or a few: a batch)
 is the time to read the weights. MLX's own quantized matvec reads them at ~0.6 TB/s on an H200
 (14% of the card); this kernel is written for the bandwidth:
 
-* a block of WARPS warps takes R rows of W (`_tile`); thread i takes groups i, i + 32·WARPS, …
+* a block of WARPS warps takes R rows of W (`WARPS`, `ROWS_PER_BLOCK`: `tile_from_env`); thread i takes groups i, i + 32·WARPS, …
   of each row: a group is 32 weights (MLX's group size here), `BITS` consecutive 32-bit words of
   the packed row, so a 4-bit group is one 16-byte load and a warp reads 512 contiguous bytes per
   step; UNROLL groups of each row are loaded before any is used, to keep several loads in flight;
@@ -29,14 +29,15 @@ import mlx.core as mx
 GROUP = 32
 MATVEC_MAX_ROWS = 8  # activation rows up to which the matvec beats dequantizing for a matmul
 
-def _tile() -> tuple[int, int, int]:
-    """(warps per block, rows of W per block, groups each thread loads before using them);
-    MLX_LLAMA_AFFINE_TILE="W,R,U" overrides them (for measuring: scripts/check_cuda_kernels.py)."""
-    spec = os.environ.get("MLX_LLAMA_AFFINE_TILE", "")
-    return tuple(int(v) for v in spec.split(",")) if spec else (1, 2, 2)
+def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A kernel's tiling: `default`, or the comma-separated integers in environment variable
+    `name` (for measuring: scripts/check_cuda_kernels.py)."""
+    spec = os.environ.get(name, "")
+    return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
-WARPS, ROWS_PER_BLOCK, UNROLL = _tile()
+# warps per block, rows of W per block, groups each thread loads before using them
+WARPS, ROWS_PER_BLOCK, UNROLL = tile_from_env("MLX_LLAMA_AFFINE_TILE", (1, 2, 2))
 
 HEADER = r"""
 #include <cuda_fp16.h>

@@ -22,8 +22,6 @@ scales (rows, nb, 16) uint8, qs (rows, nb, 64), d and dmin (rows, nb) float16.
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
 from . import cuda_affine
@@ -156,14 +154,8 @@ _Q6_K_MATVEC = """
 TARGET_WARPS = 16384
 
 
-def _q6_k_tile() -> tuple[int, int]:
-    """(warps per block, rows per block) of the Q6_K matvec; MLX_LLAMA_Q6_K_TILE="W,R" overrides
-    them (for measuring: scripts/check_cuda_kernels.py)."""
-    spec = os.environ.get("MLX_LLAMA_Q6_K_TILE", "")
-    return tuple(int(v) for v in spec.split(",")) if spec else (1, 4)
-
-
-Q6_K_WARPS, Q6_K_ROWS = _q6_k_tile()
+# warps per block, rows per block of the Q6_K matvec (MLX_LLAMA_Q6_K_TILE="W,R" overrides them)
+Q6_K_WARPS, Q6_K_ROWS = cuda_affine.tile_from_env("MLX_LLAMA_Q6_K_TILE", (1, 4))
 
 _kernels: dict = {}
 
