@@ -55,7 +55,7 @@ def worker(args) -> None:
         world = distributed.connect()
         try:
             model, tokenizer = distributed.load(args.model, args.mode, world, dtype=DTYPES[args.dtype],
-                                                cpu_dequantize=cpu)
+                                                cpu_dequantize=cpu, reduce=args.reduce)
         except mlx_llama.MlxLlamaError as e:  # a refused split: every rank has it, rank 0 says it
             if world.rank == 0:
                 print(f"mlx_llama: error: {e}", file=sys.stderr)
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--greedy", type=int, default=48)
     p.add_argument("--cpu-dequantize", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--reduce", choices=["gather", "sum"], default="gather", help="tensor parallel: how shares are joined")
     p.add_argument("--backend", choices=["ring", "nccl"], default="nccl" if mx.cuda.is_available() else "ring")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activations (and dense weights)")
     p.add_argument("--make-24-layers", metavar="PATH")
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
 
     model = args.model or mlx_llama.default_model()
     opts = ["--text", str(botchan()), "--ctx", str(args.ctx), "--chunks", str(args.chunks), "--greedy", str(args.greedy),
-            "--cpu-dequantize", args.cpu_dequantize, "--dtype", args.dtype] + (["--memory-only"] if args.memory_only else [])
+            "--cpu-dequantize", args.cpu_dequantize, "--dtype", args.dtype, "--reduce", args.reduce] + (["--memory-only"] if args.memory_only else [])
     single = run(model, "single", 1, opts)
     if not args.memory_only:
         print(f"one process: perplexity {ppl(single)}, greedy {len(single['greedy'])} tokens", flush=True)

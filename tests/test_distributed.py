@@ -56,19 +56,37 @@ def test_every_rank_gets_a_layer():
 # -- tensor parallel: heads, units, vocabulary rows -----------------------------------------------
 
 
-def test_smollm2_over_3_ranks():
-    s = TensorSplit(SMOL, 1, 3)
-    assert (s.kv_heads, s.heads, s.units, s.vocab) == ((1, 2), (3, 6), (512, 1024), (16384, 32768))
+@pytest.mark.parametrize("reduce", ["gather", "sum"])
+def test_smollm2_over_3_ranks(reduce):
+    s = TensorSplit(SMOL, 1, 3, reduce=reduce)
+    assert (s.kv_heads, s.heads, s.units, s.vocab, s.hidden) == ((1, 2), (3, 6), (512, 1024), (16384, 32768), (192, 384))
     assert s.part("blk.4.attn_q.weight") == Part(rows=((192, 384),))
     assert s.part("blk.4.attn_k.weight") == s.part("blk.4.attn_v.weight") == Part(rows=((64, 128),))
-    assert s.part("blk.4.attn_output.weight") == Part(cols=(192, 384))
     assert s.part("blk.4.ffn_gate.weight") == s.part("blk.4.ffn_up.weight") == Part(rows=((512, 1024),))
-    assert s.part("blk.4.ffn_down.weight") == Part(cols=(512, 1024))
     assert s.part("token_embd.weight") == s.part("output.weight") == Part(rows=((16384, 32768),))
-    for whole in ("blk.4.attn_norm.weight", "blk.4.attn_output.bias", "blk.4.ffn_down.bias", "output_norm.weight"):
+    for whole in ("blk.4.attn_norm.weight", "output_norm.weight"):
         assert s.part(whole) is None
+    if reduce == "sum":  # the matching input columns; the biases added once, after the sum
+        assert s.part("blk.4.attn_output.weight") == Part(cols=(192, 384))
+        assert s.part("blk.4.ffn_down.weight") == Part(cols=(512, 1024))
+        assert s.part("blk.4.attn_output.bias") is s.part("blk.4.ffn_down.bias") is None
+    else:  # this rank's outputs of the hidden vector, weights and biases
+        for name in ("attn_output.weight", "attn_output.bias", "ffn_down.weight", "ffn_down.bias"):
+            assert s.part(f"blk.4.{name}") == Part(rows=((192, 384),))
+        assert s.widths("attn_output") == [192] * 3 and s.widths("ffn_down") == [512] * 3
     local = s.local_config()
     assert (local.num_heads, local.num_kv_heads, local.intermediate_size, local.vocab_size) == (3, 1, 512, 16384)
+
+
+def test_uneven_ffn_shares_are_gathered_in_rank_order():
+    odd = dataclasses.replace(SMOL, intermediate_size=1280, num_kv_heads=9)
+    assert TensorSplit(odd, 0, 3, unit=256).widths("ffn_down") == [256, 512, 512]
+    assert [TensorSplit(odd, r, 3).hidden for r in range(3)] == [(0, 192), (192, 384), (384, 576)]
+
+
+def test_unknown_reduction_is_refused():
+    with pytest.raises(SameOnEveryRank, match="unknown tensor-parallel reduction 'max'"):
+        TensorSplit(SMOL, 0, 3, reduce="max")
 
 
 def test_gqa_heads_that_do_not_divide_are_refused():

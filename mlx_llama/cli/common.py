@@ -155,7 +155,8 @@ def _load_share(path, cpu_dequantize):
 
     world = distributed_world()
     try:
-        return load(path, _RUN["mode"], world, cpu_dequantize=cpu_dequantize)
+        return load(path, _RUN["mode"], world, cpu_dequantize=cpu_dequantize,
+                    reduce=os.environ.get("MLX_LLAMA_TP_REDUCE") or "gather")
     except SameOnEveryRank as e:  # every rank has it: rank 0 says it
         if world.rank != 0:
             end_run()  # not a failure of this rank's own

@@ -11,7 +11,7 @@ The modules, along the path of a run:
     faults.py    ending cleanly: a lost rank, the launcher's SIGTERM, deadlines → one line on rank 0
     load.py      each rank reads its share of the GGUF file and builds its part of the model
     pipeline.py  consecutive layers per rank, activations passed on with send/recv
-    tensor.py    heads, FFN units and vocabulary rows per rank, one all_sum per block half
+    tensor.py    heads, FFN units and vocabulary rows per rank, gathered (or summed) per block half
     base.py      the model interface both give to generation, chat and perplexity
 """
 

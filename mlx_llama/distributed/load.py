@@ -28,7 +28,7 @@ from ..quants import FORMATS, SUBBLOCK16, Affine, Blocks, decode_tensor, dequant
 from ..tokenizer import Tokenizer
 from .base import Part
 from .pipeline import PipelineModel, split_layers
-from .tensor import GROUP, SUPER_BLOCK, TensorParallelModel, TensorSplit, shard_modules
+from .tensor import GROUP, REDUCE, SUPER_BLOCK, TensorParallelModel, TensorSplit, row_layers, shard_modules
 from .world import World, connect, fingerprint
 
 MODES = ("pipeline", "tensor")
@@ -36,12 +36,16 @@ VOCABULARY_ENDS = ("token_embd.weight", "output_norm.weight", "output.weight", "
 
 
 def load(path=None, mode: str = "pipeline", world: World | None = None, *, dtype: mx.Dtype | None = None,
-         cpu_dequantize: bool | None = None):
+         cpu_dequantize: bool | None = None, reduce: str = "gather"):
     """(model, tokenizer) of a GGUF file spread over the ranks of `world` (default: join the run
-    `mlx.launch` started). mode: "pipeline" or "tensor". Every rank calls this with the same
-    arguments; in a single process it is `mlx_llama.load`."""
+    `mlx.launch` started). mode: "pipeline" or "tensor"; reduce: how tensor parallelism joins
+    attn_output's and ffn_down's shares ("gather": equal to one process; "sum": one all_sum per
+    block half, see `tensor`). Every rank calls this with the same arguments; in a single process
+    it is `mlx_llama.load`."""
     if mode not in MODES:
         raise MlxLlamaError(f"unknown distributed mode {mode!r} (expected one of {', '.join(MODES)})")
+    if reduce not in REDUCE:
+        raise MlxLlamaError(f"unknown tensor-parallel reduction {reduce!r} (expected {' or '.join(REDUCE)})")
     world = world or connect()
     path = os.fspath(path if path is not None else default_model())
     if world.size == 1:
@@ -55,13 +59,16 @@ def load(path=None, mode: str = "pipeline", world: World | None = None, *, dtype
     shapes = check_tensors(f, cfg)
     dtype = dtype or (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
     # the first collective: the ranks agree on what they run before anyone loads anything
-    world.agree(fingerprint(f.file_size, [(n, t.ggml_type, t.shape) for n, t in f.tensors.items()], mode, str(dtype)),
-                "model file, --pipeline/--tensor-parallel or activation dtype")
+    world.agree(fingerprint(f.file_size, [(n, t.ggml_type, t.shape) for n, t in f.tensors.items()], mode, str(dtype),
+                            reduce),
+                "model file, --pipeline/--tensor-parallel, activation dtype or MLX_LLAMA_TP_REDUCE")
     # loader's CPU-mode rule, on what one machine holds; the same on every rank
     if cpu_dequantize is None:
         cpu_dequantize = choose_cpu_dequantize(sum(math.prod(s) for s in shapes.values()) // world.size)
-    build = build_pipeline if mode == "pipeline" else build_tensor_parallel
-    model = build(f, cfg, shapes, world, dtype, bool(cpu_dequantize))
+    if mode == "pipeline":
+        model = build_pipeline(f, cfg, shapes, world, dtype, bool(cpu_dequantize))
+    else:
+        model = build_tensor_parallel(f, cfg, shapes, world, dtype, bool(cpu_dequantize), reduce)
     tokenizer = Tokenizer.from_gguf(f)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise GGUFError(f.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab size is {cfg.vocab_size}")
@@ -94,11 +101,13 @@ def build_pipeline(f, cfg, shapes, world: World, dtype, expand: bool) -> Pipelin
     return model
 
 
-def build_tensor_parallel(f, cfg, shapes, world: World, dtype, expand: bool) -> TensorParallelModel:
+def build_tensor_parallel(f, cfg, shapes, world: World, dtype, expand: bool, reduce: str = "gather") -> TensorParallelModel:
     in_blocks = not expand and any(f.tensors[n].ggml_type in SUBBLOCK16 for n in shapes if n.endswith("ffn_down.weight"))
-    split = TensorSplit(cfg, world.rank, world.size, SUPER_BLOCK if in_blocks else GROUP)
+    split = TensorSplit(cfg, world.rank, world.size, SUPER_BLOCK if in_blocks else GROUP, reduce)
     plan = [(name, module_path(name), split.part(name)) for name in shapes]
     inner = Model(split.local_config(), dtype=dtype, cpu_kernels=uses_cpu_kernels(dtype))
+    if reduce == "gather":
+        row_layers(inner, split)
     _fill(inner, f, plan, dtype, expand)
     shard_modules(inner, split, world)
     model = TensorParallelModel(inner, cfg, world)
