@@ -16,20 +16,24 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, kv_heads, T, head_dim) keys/values; return everything held so far."""
         start, T = self.offset, keys.shape[2]
-        if self.keys is None or start + T > self.keys.shape[2]:
+        if self.keys is None:
             B, H, _, D = keys.shape
-            grow = ((T + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, D), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :start, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :start, :], new_v], axis=2)
+            self.keys = mx.zeros((B, H, 0, D), keys.dtype)
+            self.values = mx.zeros((B, H, 0, D), values.dtype)
+        self.reserve(T)
         self.offset += T
         self.keys[..., start : self.offset, :] = keys
         self.values[..., start : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def reserve(self, T: int) -> None:
+        """Room for T more tokens (the buffers exist: after the first update)."""
+        start = self.offset
+        if start + T > self.keys.shape[2]:
+            B, H, _, D = self.keys.shape
+            grow = -(-(start + T) // self.step) * self.step - start  # capacity: a multiple of the step
+            self.keys = mx.concatenate([self.keys[..., :start, :], mx.zeros((B, H, grow, D), self.keys.dtype)], axis=2)
+            self.values = mx.concatenate([self.values[..., :start, :], mx.zeros((B, H, grow, D), self.values.dtype)], axis=2)
 
     def trim(self, n: int) -> None:
         """Forget the last `n` tokens (the next write overwrites them)."""

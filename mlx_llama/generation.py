@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 
+from .decode_step import decoder
 from .errors import MlxLlamaError, NonFiniteError
 from .model import Model
 from .prompt import encode_prompt, file_template
@@ -118,9 +119,10 @@ def generate_tokens(
         return
     y, finite = step(logits)
     mx.async_eval(y, finite)
+    forward = decoder(model, cache)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_y, next_finite = step(model(y[None], cache)[:, -1, :])
+            next_y, next_finite = step(forward(y))
             mx.async_eval(next_y, next_finite)
         if not finite.item():
             raise _non_finite(n)
@@ -141,10 +143,11 @@ def _constrained_decode(model: Model, cache, logits: mx.array, step, matcher: To
     mx.async_eval(logits)
     y, finite = step(logits, matcher.mask())  # the first mask is computed while the prompt prefills
     mx.async_eval(y, finite)
+    forward = decoder(model, cache)
     for n in range(max_tokens):
         more = n + 1 < max_tokens
         if more:
-            logits = model(y[None], cache)[:, -1, :]
+            logits = forward(y)
             mx.async_eval(logits)
         if not finite.item():
             raise _non_finite(n)

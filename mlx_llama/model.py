@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import cuda_attention, kernels
 from .architectures import ModelConfig
 from .cache import KVCache
 from .layers import BlockLinear, Embedding, Linear, block_layer
@@ -147,6 +147,10 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         if self.cpu_kernels:
             return kernels.attention(q, k, v, self.scale, self.window)
+        if hasattr(cache, "attention_mask"):  # a compiled decode step's cache: the whole buffer, masked
+            if cuda_attention.available() and cuda_attention.supported(q, k):
+                return cuda_attention.decode_attention(q, k, v, cache.offset, self.scale, self.window)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=cache.attention_mask(self.window))
         return self.gpu_attention(q, k, v, T)
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:

@@ -134,9 +134,34 @@ def check(path: str) -> dict:
         ref = np.array(load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False)(tokens)[0])
     out = {"logit_scale": float(np.abs(ref).max())}
     for name, dtype in (("float32", mx.float32), ("float16", None)):
-        ours = np.array(load_model(GGUFFile(path), dtype=dtype, cpu_dequantize=False)(tokens)[0].astype(mx.float32))
-        out[name] = {"top1_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean()), "max_abs_dlogit": float(np.abs(ours - ref).max())}
+        model = load_model(GGUFFile(path), dtype=dtype, cpu_dequantize=False)
+        ours = np.array(model(tokens)[0].astype(mx.float32))
+        out[name] = {"top1_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean()), "max_abs_dlogit": float(np.abs(ours - ref).max()),
+                     "decode_compiled_vs_op_by_op": decode_difference(model, tokens[0].tolist())}
     return out
+
+
+def decode_difference(model, prompt: list[int], steps: int = 300) -> float:
+    """max |Δlogit| between `steps` greedy decode steps compiled (`decode_step`) and op by op,
+    fed the same tokens (over a cache reallocation: 16 + 300 > 256)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_llama.decode_step import CompiledDecoder
+    from mlx_llama.generation import prefill
+
+    runs = []
+    for compiled in (False, True):
+        cache = model.make_cache()
+        y = mx.argmax(prefill(model, mx.array(prompt, mx.int32), cache), -1).astype(mx.int32)
+        step = CompiledDecoder(model) if compiled else None
+        logits = []
+        for i in range(steps):
+            out = step(y, cache) if compiled else model(y[None], cache)[:, -1, :]
+            logits.append(out.astype(mx.float32))
+            y = mx.array([(prompt[0] + 7 * i) % model.config.vocab_size], mx.int32)  # the same tokens both ways
+        runs.append(np.array(mx.concatenate(logits)))
+    return float(np.abs(runs[0] - runs[1]).max())
 
 
 def table(rows: list[tuple[str, dict]], ref: dict) -> str:
@@ -162,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mlx-lm", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--baseline", action="store_true", help="also mlx_llama with its CUDA kernels off")
+    ap.add_argument("--op-by-op", action="store_true", help="also mlx_llama with the decode step not compiled")
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--vocab-from", default=os.path.join(HERE, "..", "tests", ".cache", "vocab", "ggml-vocab-llama-spm.gguf"))
     args = ap.parse_args(argv)
@@ -174,6 +200,7 @@ def main(argv=None) -> int:
             print(f"check {recipe} (2 layers):", json.dumps(results[f"check {recipe}"]), flush=True)
     rows = []
     variants = [("mlx_llama", {})] + ([("mlx_llama, CUDA kernels off", {"MLX_LLAMA_CUDA_KERNELS": "0"})] if args.baseline else [])
+    variants += [("mlx_llama, decode step op by op", {"MLX_LLAMA_COMPILE": "0"})] if args.op_by_op else []
     for name, env in variants:
         r = {recipe: in_child("mlx_llama_worker", paths[recipe, args.layers], args.reps, env=env) for recipe in RECIPES}
         rows.append((name, r))

@@ -13,7 +13,22 @@ VOCAB=.gpuwork/ggml-vocab-llama-spm.gguf
 LB=/root/llama.cpp/build/bin/llama-bench
 step() { echo; echo "=== $* ($(date +%T))"; }
 
-if [ "${1:-1}" = final ]; then  # one call on a fresh host: the end-to-end table alone
+if [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
+  step setup
+  source .gpu2/setup.sh
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
+  step "GPU tests (CUDA kernels, compiled decode step)"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_decode_step.py -m "slow or not slow" 2>&1 | tail -15
+  step "7B Q4_0 file"
+  timeout 200 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_load; bench_load.make_7b('$DIR/q40.gguf', 'Q4_0', 32, '$VOCAB')"
+  step "where a decoded token's time goes, op by op and compiled"
+  timeout 120 python3 scripts/profile_decode.py "$DIR/q40.gguf" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
+  step "kernels per token under Nsight Compute, compiled step"
+  timeout 100 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
+      python3 scripts/profile_decode.py "$DIR/q40.gguf" --ncu --ncu-steps 2 --compiled > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+elif [ "${1:-1}" = final ]; then  # one call on a fresh host: the end-to-end table alone
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   step "7B files, check"

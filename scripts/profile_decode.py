@@ -1,10 +1,10 @@
 """Where a decoded token's time goes, on a GPU: host time to build the step's graph, the ops in
 it, the time of a synchronous step, the pipelined step (`generate_tokens`), and the weight
-products alone.
+products alone; the step op by op and compiled (`decode_step`), each.
 
     python scripts/profile_decode.py MODEL.gguf [--context 512] [--steps 32]
     ncu --metrics gpu__time_duration.sum --csv --profile-from-start off \\
-        python scripts/profile_decode.py MODEL.gguf --ncu   # kernels launched per token, GPU time
+        python scripts/profile_decode.py MODEL.gguf --ncu [--compiled]   # kernels per token, GPU time
 
 With --ncu only `--ncu-steps` decode steps run between cudaProfilerStart/Stop, so Nsight Compute
 records exactly their kernels (count them, sum their durations; `--parse CSV` does it).
@@ -24,14 +24,50 @@ import time
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 
-def build_and_step(model, cache, y):
+def build_and_step(forward, y):
     import mlx.core as mx
 
     t0 = time.perf_counter()
-    logits = model(y[None], cache)[:, -1, :]
-    nxt = mx.argmax(logits, axis=-1)
+    nxt = mx.argmax(forward(y), axis=-1)
     built = time.perf_counter() - t0
     return nxt, built
+
+
+def forward_of(model, cache, compiled: bool):
+    """The decode step op by op, or compiled (`decode_step`)."""
+    from mlx_llama.decode_step import CompiledDecoder
+
+    if compiled:
+        step = CompiledDecoder(model)
+        return lambda y: step(y, cache)
+    return lambda y: model(y[None], cache)[:, -1, :]
+
+
+def steps(model, cache, y, n: int, compiled: bool):
+    """Host build and synchronous step times of n steps, and the pipelined rate of n more
+    (`generate_tokens`, with MLX_LLAMA_COMPILE set to match)."""
+    import mlx.core as mx
+
+    from mlx_llama.generation import generate_tokens
+    from mlx_llama.sample import SamplingParams
+
+    forward = forward_of(model, cache, compiled)
+    for _ in range(3):  # warm up: kernels compiled, the step traced
+        y, _ = build_and_step(forward, y)
+        mx.eval(y)
+    built, synced = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        y, b = build_and_step(forward, y)
+        mx.eval(y)
+        synced.append(time.perf_counter() - t0)
+        built.append(b)
+    os.environ["MLX_LLAMA_COMPILE"] = "1" if compiled else "0"
+    it = generate_tokens(model, [int(y.item())], SamplingParams(temp=0), n + 1, cache=cache)
+    next(it)
+    t0 = time.perf_counter()
+    count = sum(1 for _ in it)
+    return built, synced, (time.perf_counter() - t0) / count
 
 
 def graph_ops(model, cache, y) -> collections.Counter:
@@ -80,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--ncu-steps", type=int, default=2)
+    ap.add_argument("--compiled", action="store_true", help="with --ncu: the compiled step")
     ap.add_argument("--parse", default=None, help="an ncu --csv output: kernels and GPU time per token")
     args = ap.parse_args(argv)
     if args.parse:
@@ -89,10 +126,9 @@ def main(argv=None) -> int:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_llama.generation import generate_tokens, prefill
+    from mlx_llama.generation import prefill
     from mlx_llama.gguf_file import GGUFFile
     from mlx_llama.loader import load_model
-    from mlx_llama.sample import SamplingParams
 
     model = load_model(GGUFFile(args.model))
     mx.eval(model.parameters())
@@ -100,37 +136,28 @@ def main(argv=None) -> int:
     prompt = mx.array(np.random.default_rng(0).integers(0, model.config.vocab_size, args.context), mx.int32)
     y = mx.argmax(prefill(model, prompt, cache), axis=-1)
     mx.eval(y, [c.state for c in cache])
-    for _ in range(3):  # warm up: kernels compiled, caches grown
-        y, _ = build_and_step(model, cache, y)
-        mx.eval(y)
     if args.ncu:
+        forward = forward_of(model, cache, args.compiled)
+        for _ in range(3):  # warm up: kernels compiled, caches grown, the step traced
+            y, _ = build_and_step(forward, y)
+            mx.eval(y)
         cudart = ctypes.CDLL("libcudart.so.13")
         mx.synchronize()
         cudart.cudaProfilerStart()
         for _ in range(args.ncu_steps):
-            y, _ = build_and_step(model, cache, y)
+            y, _ = build_and_step(forward, y)
             mx.eval(y)
         mx.synchronize()
         cudart.cudaProfilerStop()
         return 0
     ops = graph_ops(model, cache, y)
-    built, synced = [], []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        y, b = build_and_step(model, cache, y)
-        mx.eval(y)
-        synced.append(time.perf_counter() - t0)
-        built.append(b)
-    it = generate_tokens(model, [int(y.item())], SamplingParams(temp=0), args.steps + 1, cache=cache)
-    next(it)
-    t0 = time.perf_counter()
-    n = sum(1 for _ in it)
-    pipelined = (time.perf_counter() - t0) / n
-    alone, n_layers = weight_products_alone(model)
     print(f"model: {args.model}, {args.context} tokens cached, device {mx.default_device()}")
-    print(f"host time to build one step's graph: {np.median(built) * 1e3:.2f} ms (median of {args.steps})")
-    print(f"one step built and evaluated synchronously: {np.median(synced) * 1e3:.2f} ms")
-    print(f"pipelined decode (generate_tokens, mx.async_eval): {pipelined * 1e3:.2f} ms per token = {1 / pipelined:.1f} tok/s")
+    for compiled in (False, True):
+        built, synced, pipelined = steps(model, cache, y, args.steps, compiled)
+        print(f"{'compiled' if compiled else 'op by op'}: host time to build one step: {np.median(built) * 1e3:.2f} ms "
+              f"(median of {args.steps}); built and evaluated synchronously: {np.median(synced) * 1e3:.2f} ms; "
+              f"pipelined decode (generate_tokens): {pipelined * 1e3:.2f} ms per token = {1 / pipelined:.1f} tok/s")
+    alone, n_layers = weight_products_alone(model)
     print(f"the {n_layers} weight products alone, evaluated together: {alone * 1e3:.2f} ms")
     print(f"graph primitives per step: {sum(ops.values())} — " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
     return 0

@@ -169,3 +169,25 @@ def test_decoding_token_by_token_equals_the_full_pass_on_the_gpu(arch, tiny_gguf
     steps = [np.array(model(mx.array([tokens[:4]]), cache)[0])] + [np.array(model(mx.array([[t]]), cache)[0]) for t in tokens[4:]]
     tol = 3e-3 if os.environ.get("MLX_ENABLE_TF32", "1") != "0" else 1e-4
     np.testing.assert_allclose(np.concatenate(steps), full, atol=tol * np.abs(full).max())
+
+
+@pytest.mark.parametrize("d, hq, hkv, window, dtype", [
+    (128, 32, 32, 0, mx.float16), (64, 9, 3, 0, mx.float32), (128, 8, 2, 5, mx.float16), (256, 4, 2, 0, mx.float16),
+    (64, 6, 6, 400, mx.float32)])
+@pytest.mark.parametrize("position", [0, 300, 767])
+def test_decode_attention_equals_mlx_attention(d, hq, hkv, window, dtype, position):
+    """The compiled step's attention over a whole buffer (positions past `position` hold garbage
+    it must not read) against MLX's attention over the positions held (the last `window`)."""
+    from mlx_llama import cuda_attention
+
+    rng = np.random.default_rng(position + d)
+    cap, scale = 768, d ** -0.5
+    q = mx.array(rng.standard_normal((1, hq, 1, d)), dtype)
+    keys, values = (mx.array(rng.standard_normal((1, hkv, cap, d)) * 2, dtype) for _ in range(2))
+    first = max(0, position + 1 - window) if window else 0
+    group = hq // hkv  # MLX's attention takes the key/value heads as they are (GQA)
+    ref = mx.fast.scaled_dot_product_attention(q, keys[:, :, first : position + 1], values[:, :, first : position + 1], scale=scale)
+    got = cuda_attention.decode_attention(q, keys, values, mx.array(position, mx.int32), scale, window)
+    assert group * hkv == hq and got.shape == ref.shape and got.dtype == dtype
+    tol = 2e-3 if dtype == mx.float16 else 1e-5
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)), atol=tol, rtol=tol)

@@ -1,0 +1,94 @@
+"""One decoded token as a compiled MLX function, for the GPU.
+
+Building a decode step's graph op by op in Python costs the host ~4 ms per token on a 7B model
+(~500 operations), more than the GPU needs to run it: decoding was host-bound. `mx.compile`
+traces the step once and then replays the traced graph from C++, with MLX's elementwise
+fusion on top. A traced graph must not depend on the position, so the step takes it as an
+array: RoPE reads it as its offset, each layer's new key and value are written into the
+`KVCache` buffer at it (`mx.slice_update`, in place: the step's caller holds no other reference
+to the buffer; `mx.put_along_axis`: MLX's CUDA slice update at an array position copied ~1.5 MB
+per layer and token), and attention runs over the whole buffer with a mask of the positions
+written so far (and of the sliding window), made once per step. The buffers grow in the cache's steps of 256 positions
+outside the traced function; each capacity is traced once.
+
+Used by `generation.generate_tokens` for one sequence on a GPU (`enabled`); the CPU keeps its
+own attention kernels (`kernels`), which read positions from the buffer's length.
+MLX_LLAMA_COMPILE=0 turns it off; =1 turns it on on the CPU too (for models without those
+kernels: float16 activations).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .model import Model
+
+
+def enabled(model, cache) -> bool:
+    """Whether `model`'s decode steps with `cache` run compiled: a local model (not one spread
+    over processes) with MLX's attention, one sequence, on a GPU unless MLX_LLAMA_COMPILE says."""
+    switch = os.environ.get("MLX_LLAMA_COMPILE", "")
+    wanted = switch == "1" or (switch != "0" and mx.default_device() == mx.gpu)
+    return (wanted and isinstance(model, Model) and not model.blk[0].attn.cpu_kernels
+            and all(type(c) is KVCache and c.keys is not None for c in cache))
+
+
+class Slot:
+    """A layer's cache inside the traced step: `KVCache`'s interface, at a position held in an
+    array (`offset`), with the mask attention needs over the whole buffer (`masks`: one per
+    window size, shared by the layers)."""
+
+    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, masks: dict):
+        self.keys, self.values, self.offset, self.masks = keys, values, position, masks
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        where = mx.broadcast_to(self.offset.reshape(1, 1, 1, 1), keys.shape)
+        self.keys = mx.put_along_axis(self.keys, where, keys.astype(self.keys.dtype), axis=2)
+        self.values = mx.put_along_axis(self.values, where, values.astype(self.values.dtype), axis=2)
+        return self.keys, self.values
+
+    def attention_mask(self, window: int) -> mx.array:
+        """(capacity,) bool: the positions the new token attends to."""
+        if window not in self.masks:
+            held = mx.arange(self.keys.shape[2])
+            visible = held <= self.offset
+            self.masks[window] = visible & (held > self.offset - window) if window else visible
+        return self.masks[window]
+
+
+class CompiledDecoder:
+    """`model(token, cache)`'s last logits (1, vocab) for one new token, compiled."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.step = mx.compile(self.trace)
+
+    def trace(self, token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:
+        masks: dict = {}
+        slots = [Slot(state[i], state[i + 1], position, masks) for i in range(0, len(state), 2)]
+        logits = self.model(token, slots)[:, -1, :]
+        return (logits, *[a for s in slots for a in (s.keys, s.values)])
+
+    def __call__(self, y: mx.array, cache: list[KVCache]) -> mx.array:
+        """y: the last token (1,) int32 → the next logits (1, vocab); the cache advances by one."""
+        for c in cache:
+            c.reserve(1)
+        out = self.step(y[None], mx.array(cache[0].offset, mx.int32), *[a for c in cache for a in c.state])
+        for i, c in enumerate(cache):  # the only references to the new buffers: the next step updates them in place
+            c.keys, c.values = out[1 + 2 * i], out[2 + 2 * i]
+            c.offset += 1
+        return out[0]
+
+
+def decoder(model, cache):
+    """The decode-step function for `model` with `cache`: compiled where `enabled`, else the
+    model called op by op."""
+    if enabled(model, cache):
+        compiled = getattr(model, "_compiled_decoder", None)
+        if compiled is None:
+            compiled = model._compiled_decoder = CompiledDecoder(model)
+        return lambda y: compiled(y, cache)
+    return lambda y: model(y[None], cache)[:, -1, :]

@@ -1,0 +1,87 @@
+"""The compiled decode step (`decode_step`) against the model run op by op.
+
+On a GPU it is the default for one sequence; here it runs on the CPU (MLX_LLAMA_COMPILE=1) with
+float16 activations, where the model uses MLX's attention rather than the CPU kernels, and a
+cache step of 8 positions, so that a few dozen tokens cross several buffer reallocations (each a
+new trace) and the sliding window of gemma3 (4 positions) moves over them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_llama
+from mlx_llama import decode_step
+from mlx_llama.cache import KVCache
+from mlx_llama.generation import generate_tokens, prefill
+from mlx_llama.sample import SamplingParams
+from test_architectures import PEAKED, VARIANTS
+from test_tokenizer import vocab_path
+
+PROMPT = list(range(3, 3 + 13 * 7, 7))  # 13 tokens: the first decoded one lands mid-buffer
+
+
+def tiny(tiny_gguf, tensor_type: str, **kw):
+    """A tiny file with llama.cpp's test vocabulary (kept offline, as on the GPU host)."""
+    return tiny_gguf(tensor_type, vocab_from=vocab_path("llama-spm"), **kw)
+
+
+@pytest.fixture
+def small_steps(monkeypatch):
+    monkeypatch.setattr(KVCache, "step", 8)
+
+
+def decode(model, compiled: bool, monkeypatch, steps: int = 20) -> np.ndarray:
+    """Greedy logits of `steps` decoded tokens after PROMPT, with the step compiled or not."""
+    monkeypatch.setenv("MLX_LLAMA_COMPILE", "1" if compiled else "0")
+    cache = model.make_cache()
+    y = mx.argmax(prefill(model, mx.array(PROMPT, mx.int32), cache), -1).astype(mx.int32)
+    forward = decode_step.decoder(model, cache)
+    out = []
+    for _ in range(steps):
+        logits = forward(y)
+        y = mx.argmax(logits, -1).astype(mx.int32)
+        out.append(logits)
+    assert cache[0].offset == len(PROMPT) + steps
+    return np.array(mx.concatenate(out).astype(mx.float32))
+
+
+FAST = ("llama-fused-qkv-biases", "qwen3-head-size", "gemma3")  # the suite's time budget: the rest with -m slow
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS])
+def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, monkeypatch):
+    model, _ = mlx_llama.load(tiny(tiny_gguf, "Q8_0", **PEAKED, **VARIANTS[name]), dtype=mx.float16, cpu_dequantize=False)
+    assert not model.blk[0].attn.cpu_kernels  # float16: MLX's attention, as on a GPU
+    eager, compiled = decode(model, False, monkeypatch), decode(model, True, monkeypatch)
+    assert model._compiled_decoder is not None  # it did run compiled
+    # float16 logits of size ~10: the masked attention over the whole buffer sums in another order
+    assert np.abs(eager - compiled).max() <= 2e-2, name
+    assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
+
+
+def test_generation_gives_the_same_tokens(tiny_gguf, small_steps, monkeypatch):
+    model, _ = mlx_llama.load(tiny(tiny_gguf, "Q4_0", **PEAKED), dtype=mx.float16, cpu_dequantize=False)
+    runs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("MLX_LLAMA_COMPILE", switch)
+        runs[switch] = list(generate_tokens(model, PROMPT, SamplingParams(temp=0), 20))
+    assert runs["0"] == runs["1"] and len(runs["1"]) == 20
+
+
+def test_when_it_is_used(tiny_gguf, monkeypatch):
+    path = tiny(tiny_gguf, "Q4_0")
+    f32, _ = mlx_llama.load(path, dtype=mx.float32)  # on the CPU: the CPU kernels, which read positions from the buffer
+    f16, _ = mlx_llama.load(path, dtype=mx.float16, cpu_dequantize=False)
+    assert f32.blk[0].attn.cpu_kernels == (mx.default_device() == mx.cpu) and not f16.blk[0].attn.cpu_kernels
+    for model in (f32, f16):
+        possible = not model.blk[0].attn.cpu_kernels
+        prefill(model, mx.array(PROMPT, mx.int32), cache := model.make_cache())
+        monkeypatch.setenv("MLX_LLAMA_COMPILE", "1")
+        assert decode_step.enabled(model, cache) == possible
+        assert not decode_step.enabled(model, model.make_cache())  # no buffers before the prompt
+        monkeypatch.setenv("MLX_LLAMA_COMPILE", "0")
+        assert not decode_step.enabled(model, cache)
+        monkeypatch.delenv("MLX_LLAMA_COMPILE")
+        assert decode_step.enabled(model, cache) == (possible and mx.default_device() == mx.gpu)
