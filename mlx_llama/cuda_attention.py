@@ -6,91 +6,134 @@ take no mask array, so it runs as matmul, mask, softmax, matmul (~24 µs per lay
 640 positions). This kernel reads the position from the device and touches only the keys and
 values written so far (or the sliding window's):
 
-* one block per query head (a key/value head serves its group of query heads: GQA);
-* scores: each warp takes positions warp, warp + WARPS, …; a position's dot product q · k is
-  split over the warp's lanes (D / 32 consecutive values each: coalesced rows), summed with
-  shuffles, scaled, kept in shared memory (`MAX_POSITIONS` of them);
-* softmax in float32: the block's maximum, exp, the block's sum;
-* output: thread t takes dimension t % D for positions g, g + G, … (G = THREADS / D groups:
-  coalesced rows of V), the groups summed in shared memory, divided by the sum once.
+* one block of THREADS threads per query head (a key/value head serves its group of query
+  heads: GQA);
+* scores: thread i takes positions i, i + THREADS, …: each a whole dot product q · k over the
+  head's dimensions, the key row read 16 bytes at a time (4 loads in flight),
+  q (scaled) from shared memory; the scores kept in shared memory (`MAX_POSITIONS` of them);
+* softmax in float32: the block's maximum and sum (warp shuffles, then across warps);
+* output: D / 8 threads per value row (8 dimensions each, one 16-byte load: coalesced rows),
+  G = THREADS / (D / 8) rows at a time; the G partial sums added in shared memory and divided by
+  the softmax sum once.
 
 Sums in float32 (MLX's attention also accumulates in float32): equal up to summation order.
+MLX_LLAMA_CUDA_ATTENTION=0 turns it off (the masked attention then).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 import mlx.core as mx
 
 from . import cuda_affine
 
-THREADS = 256
-MAX_POSITIONS = 8192  # scores in shared memory (32 KB); a longer buffer uses MLX's masked attention
+THREADS = 512
+MAX_POSITIONS = 4096  # scores in shared memory (16 KB); a longer buffer uses MLX's masked attention
+
+_HEADER = """
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+// 8 consecutive values as float, one or two 16-byte loads (p 16-byte aligned)
+__device__ __forceinline__ void load8(const __half* p, float* v) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) { const float2 f = __half22float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) { const float2 f = __bfloat1622float2(h[k]); v[2 * k] = f.x; v[2 * k + 1] = f.y; }
+}
+__device__ __forceinline__ void load8(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+"""
 
 _SOURCE = """
-    constexpr int WARPS = THREADS / 32, PER_LANE = D / 32, G = THREADS / D;
+    constexpr int WARPS = THREADS / 32, VEC = 8, LANES = D / VEC, G = THREADS / LANES;
     __shared__ float score[CAP];
-    __shared__ float red[THREADS];
+    __shared__ float part[G * D];
     __shared__ float qs[D];
+    __shared__ float wred[WARPS];
     const int head = blockIdx.x, kv = head / GROUP;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = position[0] + 1;
     const int first = WINDOW > 0 && n > WINDOW ? n - WINDOW : 0;
     const int count = n - first;
     const float scale = __int_as_float(SCALE_BITS);
-    for (int d = tid; d < D; d += THREADS) qs[d] = static_cast<float>(q[int64_t(head) * D + d]);
+    for (int d = tid; d < D; d += THREADS) qs[d] = static_cast<float>(q[int64_t(head) * D + d]) * scale;
     __syncthreads();
-    const int64_t base = int64_t(kv) * CAP * D;
-    // scores: a warp per position, lanes over the head's dimensions
+    const int64_t base = (int64_t(kv) * CAP + first) * D;
+    // scores: a thread per position
     float local_max = __int_as_float(0xff800000);  // -inf
-    for (int i = warp; i < count; i += WARPS) {
-        const int64_t row = base + int64_t(first + i) * D + lane * PER_LANE;
+    for (int i = tid; i < count; i += THREADS) {
+        const auto* row = keys + base + int64_t(i) * D;
         float s = 0.0f;
+#pragma unroll 4
+        for (int c = 0; c < D; c += VEC) {  // 4 loads in flight: registers for THREADS threads
+            float v[VEC];
+            load8(row + c, v);
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) s += qs[lane * PER_LANE + j] * static_cast<float>(keys[row + j]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        s *= scale;
-        if (lane == 0) score[i] = s;
+            for (int j = 0; j < VEC; ++j) s += qs[c + j] * v[j];
+        }
+        score[i] = s;
         local_max = fmaxf(local_max, s);
     }
-    // the block's maximum
-    red[tid] = local_max;
+    local_max = warp_max(local_max);
+    if (lane == 0) wred[warp] = local_max;
     __syncthreads();
-    for (int o = THREADS / 2; o > 0; o >>= 1) {
-        if (tid < o) red[tid] = fmaxf(red[tid], red[tid + o]);
-        __syncthreads();
-    }
-    const float m = red[0];
+    float m = wred[0];
+    for (int k = 1; k < WARPS; ++k) m = fmaxf(m, wred[k]);
     __syncthreads();
-    // exp and the block's sum
+    // exp (each thread its own positions) and the block's sum
     float local_sum = 0.0f;
     for (int i = tid; i < count; i += THREADS) {
         const float e = __expf(score[i] - m);
         score[i] = e;
         local_sum += e;
     }
-    red[tid] = local_sum;
+    local_sum = warp_sum(local_sum);
+    if (lane == 0) wred[warp] = local_sum;
     __syncthreads();
-    for (int o = THREADS / 2; o > 0; o >>= 1) {
-        if (tid < o) red[tid] += red[tid + o];
-        __syncthreads();
-    }
-    const float l = red[0];
-    __syncthreads();
-    // the weighted sum of the values: thread t, dimension t % D, positions t / D, + G, …
-    const int d = tid % D, g = tid / D;
-    float acc = 0.0f;
+    float l = 0.0f;
+    for (int k = 0; k < WARPS; ++k) l += wred[k];
+    // the weighted sum of the values: LANES threads per row, G rows at a time
+    const int c = (tid % LANES) * VEC, g = tid / LANES;
     if (g < G) {
-        for (int i = g; i < count; i += G) acc += score[i] * static_cast<float>(values[base + int64_t(first + i) * D + d]);
+        float acc[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
+        for (int i = g; i < count; i += G) {
+            const float w = score[i];
+            float v[VEC];
+            load8(values + base + int64_t(i) * D + c, v);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[j] += w * v[j];
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) part[g * D + c + j] = acc[j];
     }
-    red[tid] = acc;
     __syncthreads();
-    if (tid < D) {
+    for (int d = tid; d < D; d += THREADS) {
         float v = 0.0f;
-        for (int k = 0; k < G; ++k) v += red[k * D + tid];
-        out[int64_t(head) * D + tid] = static_cast<OutT>(v / l);
+        for (int k = 0; k < G; ++k) v += part[k * D + d];
+        out[int64_t(head) * D + d] = static_cast<OutT>(v / l);
     }
 """
 
@@ -98,14 +141,14 @@ _kernel = None
 
 
 def available() -> bool:
-    return cuda_affine.available()
+    return cuda_affine.available() and os.environ.get("MLX_LLAMA_CUDA_ATTENTION", "1") != "0"
 
 
 def supported(q: mx.array, keys: mx.array) -> bool:
-    """One query row of a head size the kernel lays out (a multiple of 32, at most THREADS), a
-    buffer whose scores fit in shared memory."""
+    """One query row, a head size the kernel lays out (a multiple of 8 up to 256), a buffer whose
+    scores fit in shared memory."""
     B, _, T, D = q.shape
-    return B == 1 and T == 1 and D % 32 == 0 and D <= THREADS and keys.shape[2] <= MAX_POSITIONS
+    return B == 1 and T == 1 and D % 8 == 0 and D <= 256 and keys.shape[2] <= MAX_POSITIONS
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, position: mx.array, scale: float,
@@ -115,7 +158,7 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, position: mx
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(name="mlx_llama_decode_attention", input_names=["q", "keys", "values", "position"],
-                                      output_names=["out"], source=_SOURCE)
+                                      output_names=["out"], source=_SOURCE, header=_HEADER)
     _, hq, _, d = q.shape
     hkv, cap = keys.shape[1], keys.shape[2]
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]

@@ -4,6 +4,8 @@
 #            the CUDA kernel tests, the kernels' speed, the 7B files made, where a token's time
 #            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
+#   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
+#            compiled; the table with the step op by op as the extra row); explore: c1 without llama-bench
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -13,7 +15,36 @@ VOCAB=.gpuwork/ggml-vocab-llama-spm.gguf
 LB=/root/llama.cpp/build/bin/llama-bench
 step() { echo; echo "=== $* ($(date +%T))"; }
 
-if [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
+if [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
+  step setup
+  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
+  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
+  step "GPU tests: decode attention kernel, compiled decode step"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k decode_attention 2>&1 | tail -4 | tee "$OUT/attention_tests.txt"
+  grep -q failed "$OUT/attention_tests.txt" && echo "export MLX_LLAMA_CUDA_ATTENTION=0" > /root/stash/attn.env  # the masked attention then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_decode_step.py 2>&1 | tail -4
+  step "7B files"
+  timeout 250 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  [ -f /root/stash/attn.env ] && source /root/stash/attn.env
+  step "where a decoded token's time goes (Q4_0), op by op and compiled"
+  timeout 100 python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
+  step "kernels per token under Nsight Compute, compiled step"
+  timeout 90 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
+      python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --ncu --ncu-steps 2 --compiled > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+  tail -1 /root/llama.cpp/build.log
+elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
+  source /root/stash/env.sh
+  [ -f /root/stash/attn.env ] && cat /root/stash/attn.env && source /root/stash/attn.env
+  step "wait for llama-bench"
+  for i in $(seq 60); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
+  tail -1 /root/llama.cpp/build.log
+  step "end to end"
+  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --op-by-op --mlx-lm \
+      --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
   step setup
   source .gpu2/setup.sh
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -56,8 +56,9 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
     assert not model.blk[0].attn.cpu_kernels  # float16: MLX's attention, as on a GPU
     eager, compiled = decode(model, False, monkeypatch), decode(model, True, monkeypatch)
     assert model._compiled_decoder is not None  # it did run compiled
-    # float16 logits of size ~10: the masked attention over the whole buffer sums in another order
-    assert np.abs(eager - compiled).max() <= 2e-2, name
+    # float16 logits of size ~5: attention over the whole buffer (masked, or the CUDA kernel) sums
+    # in another order than MLX's over the positions held; ~10 float16 steps at most
+    assert np.abs(eager - compiled).max() <= 4e-2, name
     assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
 
 
