@@ -23,9 +23,11 @@ import numpy as np
 T_Q4_0, T_Q4_K, T_Q6_K, T_F32 = 2, 12, 14, 0
 BLOCK = {T_Q4_0: (32, 18), T_Q4_K: (256, 144), T_Q6_K: (256, 210), T_F32: (1, 4)}
 # byte offsets of the float16 fields in each block type (the rest may be any bits), and their
-# value: weights then reach about ±0.02, as in a real 7B model, so float16 activations stay finite
+# values: weights then reach about ±0.02, as in a real 7B model, and average ~0 (Q4_K: the min
+# scale dmin = 7.5 d, so that d·sc·q − dmin·m is centred for random 6-bit sc, m and 4-bit q; with
+# dmin = d every weight leaned positive, and float16 activations overflowed by layer 21 of 32)
 F16_FIELDS = {T_Q4_0: (0,), T_Q4_K: (0, 2), T_Q6_K: (208,)}
-F16_VALUE = {T_Q4_0: 0.002, T_Q4_K: 2e-5, T_Q6_K: 5e-6}
+F16_VALUE = {T_Q4_0: (0.002,), T_Q4_K: (2e-5, 1.5e-4), T_Q6_K: (5e-6,)}
 
 
 def random_blocks(rng, rows: int, cols: int, qtype: int) -> np.ndarray:
@@ -33,8 +35,8 @@ def random_blocks(rng, rows: int, cols: int, qtype: int) -> np.ndarray:
     if qtype == T_F32:  # norm weights
         return 1 + 0.1 * rng.standard_normal((rows, cols), dtype=np.float32)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        raw[..., off : off + 2] = np.full(raw.shape[:-1], F16_VALUE[qtype], np.float16)[..., None].view(np.uint8)
+    for off, value in zip(F16_FIELDS[qtype], F16_VALUE[qtype]):
+        raw[..., off : off + 2] = np.full(raw.shape[:-1], value, np.float16)[..., None].view(np.uint8)
     return raw.reshape(rows, -1)
 
 
