@@ -18,30 +18,12 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from server_process import ServerProcess  # noqa: E402
+from server_fixtures import KEY, server_fixtures  # noqa: E402
 
-KEY = "test-key"
 CTX = 1024
 MAX_TOKENS = 256
 
-
-@pytest.fixture(scope="module")
-def server(smollm2_path):
-    proc = ServerProcess("-m", str(smollm2_path), "--parallel", "4", "--ctx", str(CTX),
-                         "--max-tokens", str(MAX_TOKENS), "--api-key", KEY)
-    yield proc
-    log = proc.stop()
-    assert "Traceback" not in log, log
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    return client.models.list().data[0].id
+server, client, model_id = server_fixtures("--parallel", "4", "--ctx", str(CTX), "--max-tokens", str(MAX_TOKENS))
 
 
 def post(server, path: str, body: bytes | str | dict, key: str | None = KEY, method: str = "POST"):

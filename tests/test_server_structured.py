@@ -18,8 +18,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from mlx_llama.prompt import file_template  # noqa: E402
 from mlx_llama.tools import tool_prompt  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
-from test_server import CHAT, KEY, post, user  # noqa: E402
+from server_fixtures import server_fixtures  # noqa: E402
+from test_server import CHAT, post, user  # noqa: E402
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],
           "properties": {"name": {"type": "string", "maxLength": 12},
@@ -41,23 +41,7 @@ def person_format(schema=PERSON) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_path):
-    proc = ServerProcess("-m", str(smollm2_path), "--parallel", "4", "--ctx", "1024", "--max-tokens", "128",
-                         "--api-key", KEY)
-    yield proc
-    log = proc.stop()
-    assert "Traceback" not in log, log
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    return client.models.list().data[0].id
+server, client, model_id = server_fixtures("--parallel", "4", "--ctx", "1024", "--max-tokens", "128")
 
 
 ASKS = {  # requests asked alone by the tests, then all at once in one batch
