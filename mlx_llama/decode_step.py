@@ -11,10 +11,11 @@ per layer and token), and attention runs over the whole buffer with a mask of th
 written so far (and of the sliding window), made once per step. The buffers grow in the cache's steps of 256 positions
 outside the traced function; each capacity is traced once.
 
-Used by `generation.generate_tokens` for one sequence on a GPU (`enabled`); the CPU keeps its
-own attention kernels (`kernels`), which read positions from the buffer's length.
-MLX_LLAMA_COMPILE=0 turns it off; =1 turns it on on the CPU too (for models without those
-kernels: float16 activations).
+Used by `generation.generate_tokens` for one sequence on an NVIDIA GPU (`enabled`), where it
+was measured (BENCHMARKS.md); the CPU keeps its own attention kernels (`kernels`), which read
+positions from the buffer's length, and Metal the step op by op until it is measured there.
+MLX_LLAMA_COMPILE=1 turns it on elsewhere (Metal; the CPU for models without those kernels:
+float16 activations), =0 off.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ from .cache import KVCache
 from .model import Model
 
 
-def enabled(model, cache) -> bool:
-    """Whether `model`'s decode steps with `cache` run compiled: a local model (not one spread
-    over processes) with MLX's attention, one sequence, on a GPU unless MLX_LLAMA_COMPILE says."""
+def compiles(model) -> bool:
+    """Whether `model`'s decode steps run compiled: a local model (not one spread over processes)
+    with MLX's attention, on an NVIDIA GPU unless MLX_LLAMA_COMPILE says."""
     switch = os.environ.get("MLX_LLAMA_COMPILE", "")
-    wanted = switch == "1" or (switch != "0" and mx.default_device() == mx.gpu)
-    return (wanted and isinstance(model, Model) and not model.blk[0].attn.cpu_kernels
-            and all(type(c) is KVCache and c.keys is not None for c in cache))
+    wanted = switch == "1" or (switch != "0" and mx.default_device() == mx.gpu and mx.cuda.is_available())
+    return wanted and isinstance(model, Model) and not model.blk[0].attn.cpu_kernels
+
+
+def enabled(model, cache) -> bool:
+    """Whether the next decode step with `cache` runs compiled: `compiles(model)`, one sequence's
+    caches, their buffers made (by the prompt)."""
+    return compiles(model) and all(type(c) is KVCache and c.keys is not None for c in cache)
 
 
 class Slot:

@@ -5,7 +5,8 @@
 #            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
 #   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
-#            compiled; the table with the step op by op as the extra row); explore: c1 without llama-bench
+#            compiled; the table with the step op by op as the extra row); explore: c1 without llama-bench;
+#            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -43,6 +44,16 @@ elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --op-by-op --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of mlx_llama and mlx-lm on Q4_0 only
+  step setup
+  source .gpu2/setup.sh
+  step "Q4_0 file"
+  timeout 60 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_load; bench_load.make_7b('$DIR/llama2-7b-shape-random-Q4_0-32l.gguf', 'Q4_0', 32, '$VOCAB')"
+  step "mlx_llama (compiled step), then mlx-lm 4-bit g32, Q4_0, 2 repetitions each"
+  cd scripts && timeout 150 python3 -c "
+import json, bench_gpu
+print('mlx_llama', json.dumps(bench_gpu.in_child('mlx_llama_worker', '$DIR/llama2-7b-shape-random-Q4_0-32l.gguf', 2)), flush=True)
+print('mlx-lm g32', json.dumps(bench_gpu.in_child('mlx_lm_worker', 32, 2)), flush=True)"
 elif [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
   step setup
   source .gpu2/setup.sh

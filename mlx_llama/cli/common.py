@@ -143,7 +143,10 @@ def load_model(model_path, cpu_dequantize, verbose, check_template: bool = True)
 
         mode = "float32 (CPU dequantized)" if model.cpu_dequantized else f"quantized (Q2_K/Q6_K: {subblock16_form()})"
         click.echo(f"model: {path}", err=True)
-        click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status}", err=True)
+        from ..decode_step import compiles
+
+        step = "compiled" if compiles(model) else "op by op"
+        click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status} | decode step: {step}", err=True)
         if distributed_world() is not None:
             click.echo(f"ranks: {model.world.size} over {model.world.backend} | {model.describe()}", err=True)
         click.echo(f"loaded in {time.perf_counter() - t0:.2f}s", err=True)
