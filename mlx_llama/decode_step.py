@@ -25,7 +25,7 @@ import os
 import mlx.core as mx
 
 from .cache import KVCache
-from .model import Model
+from .model import Model, RoPE
 
 
 def compiles(model) -> bool:
@@ -70,6 +70,9 @@ class CompiledDecoder:
 
     def __init__(self, model: Model):
         self.model = model
+        for m in model.modules():  # arrays a layer makes on first use must exist before the trace
+            if isinstance(m, RoPE):
+                m.frequencies()
         self.step = mx.compile(self.trace)
 
     def trace(self, token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:

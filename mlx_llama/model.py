@@ -64,15 +64,21 @@ class RoPE(nn.Module):
         if attn_factor != 1.0:  # (head_dim,): attn_factor on the rotated dims, 1 on the rest
             self._mscale = mx.array([attn_factor] * dims + [1.0] * (head_dim - dims), mx.float32)
 
+    def frequencies(self) -> mx.array | None:
+        """MLX's freqs: the periods base^(2i/dims), here times f_i (None without factors); made
+        once, after the factors are loaded (`decode_step` asks before it traces a step)."""
+        if self._factors is not None and self._freqs is None:
+            periods = self.base ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
+            self._freqs = periods * self._factors.weight.astype(mx.float32)
+            mx.eval(self._freqs)
+        return self._freqs
+
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         if self._factors is None:
             y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
         else:
-            if self._freqs is None:  # MLX's freqs are the periods base^(2i/dims), here times f_i
-                periods = self.base ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
-                self._freqs = periods * self._factors.weight.astype(mx.float32)
             y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=self.scale, offset=offset,
-                             freqs=self._freqs)
+                             freqs=self.frequencies())
         return y if self._mscale is None else y * self._mscale.astype(y.dtype)
 
 

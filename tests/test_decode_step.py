@@ -87,3 +87,14 @@ def test_when_it_is_used(tiny_gguf, monkeypatch):
         monkeypatch.delenv("MLX_LLAMA_COMPILE")
         on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()  # measured there; Metal: opt in
         assert decode_step.enabled(model, cache) == (possible and on_cuda)
+
+
+def test_arrays_made_on_first_use_exist_before_the_trace(tiny_gguf):
+    """RoPE's frequency factors (Llama-3.1 files) become MLX's freqs on first use: a step compiled
+    before any other call must not keep the trace's placeholder for them."""
+    model, _ = mlx_llama.load(tiny(tiny_gguf, "Q8_0", **VARIANTS["llama-rope-freqs"]), dtype=mx.float16, cpu_dequantize=False)
+    rope = model.blk[0].attn.rope
+    assert rope._freqs is None
+    decode_step.CompiledDecoder(model)
+    assert isinstance(rope._freqs, mx.array) and rope._freqs.shape == (rope.dims // 2,)
+    np.testing.assert_array_equal(np.array(rope._freqs), np.array(rope.frequencies()))
