@@ -101,8 +101,8 @@ class TensorSplit:
         """Every rank's share of the input of `name` ("attn_output" or "ffn_down"), in rank order."""
         if name == "attn_output":
             return [self.cfg.q_dim // self.size] * self.size
-        return [_aligned_share(self.cfg.intermediate_size, r, self.size, self.unit)[1]
-                - _aligned_share(self.cfg.intermediate_size, r, self.size, self.unit)[0] for r in range(self.size)]
+        shares = [_aligned_share(self.cfg.intermediate_size, r, self.size, self.unit) for r in range(self.size)]
+        return [b - a for a, b in shares]
 
 
 REDUCE = ("gather", "sum")
