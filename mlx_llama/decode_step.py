@@ -1,21 +1,21 @@
-"""One decoded token as a compiled MLX function, for the GPU.
+"""One decoded token as a compiled MLX function.
 
 Building a decode step's graph op by op in Python costs the host ~4 ms per token on a 7B model
 (~500 operations), more than the GPU needs to run it: decoding was host-bound. `mx.compile`
 traces the step once and then replays the traced graph from C++, with MLX's elementwise
 fusion on top. A traced graph must not depend on the position, so the step takes it as an
 array: RoPE reads it as its offset, each layer's new key and value are written into the
-`KVCache` buffer at it (`mx.slice_update`, in place: the step's caller holds no other reference
-to the buffer; `mx.put_along_axis`: MLX's CUDA slice update at an array position copied ~1.5 MB
-per layer and token), and attention runs over the whole buffer with a mask of the positions
-written so far (and of the sliding window), made once per step. The buffers grow in the cache's steps of 256 positions
-outside the traced function; each capacity is traced once.
+`KVCache` buffer at it (in place: the step's caller holds no other reference to the buffer;
+`mx.put_along_axis`: MLX's CUDA slice update at an array position copied ~1.5 MB per layer and
+token), and attention runs over the whole buffer with a mask of the positions written so far
+(and of the sliding window), made once per step. The buffers grow in the cache's steps of 256
+positions outside the traced function; each capacity is traced once (~60 ms for SmolLM2 on the
+CPU, ~150 ms the first time).
 
-Used by `generation.generate_tokens` for one sequence on an NVIDIA GPU (`enabled`), where it
-was measured (BENCHMARKS.md); the CPU keeps its own attention kernels (`kernels`), which read
-positions from the buffer's length, and Metal the step op by op until it is measured there.
-MLX_LLAMA_COMPILE=1 turns it on elsewhere (Metal; the CPU for models without those kernels:
-float16 activations), =0 off.
+Used by `generation.generate_tokens` for one sequence where it was measured faster
+(BENCHMARKS.md): NVIDIA GPUs (host time per step 4.7 → 1.0 ms on a 7B model) and the CPU
+(SmolLM2: +8% tokens/s); on Metal the step runs op by op until it is measured there.
+MLX_LLAMA_COMPILE=1 turns it on everywhere, =0 off.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from .model import Model, RoPE
 
 
 def compiles(model) -> bool:
-    """Whether `model`'s decode steps run compiled: a local model (not one spread over processes)
-    with MLX's attention, on an NVIDIA GPU unless MLX_LLAMA_COMPILE says."""
+    """Whether `model`'s decode steps run compiled: a local model (not one spread over processes),
+    on the CPU or an NVIDIA GPU unless MLX_LLAMA_COMPILE says."""
     switch = os.environ.get("MLX_LLAMA_COMPILE", "")
-    wanted = switch == "1" or (switch != "0" and mx.default_device() == mx.gpu and mx.cuda.is_available())
-    return wanted and isinstance(model, Model) and not model.blk[0].attn.cpu_kernels
+    measured = mx.default_device() == mx.cpu or mx.cuda.is_available()
+    return (switch == "1" or (switch != "0" and measured)) and isinstance(model, Model)
 
 
 def enabled(model, cache) -> bool:

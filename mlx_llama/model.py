@@ -151,12 +151,12 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.cpu_kernels:
-            return kernels.attention(q, k, v, self.scale, self.window)
         if hasattr(cache, "attention_mask"):  # a compiled decode step's cache: the whole buffer, masked
             if cuda_attention.available() and cuda_attention.supported(q, k):
                 return cuda_attention.decode_attention(q, k, v, cache.offset, self.scale, self.window)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=cache.attention_mask(self.window))
+        if self.cpu_kernels:
+            return kernels.attention(q, k, v, self.scale, self.window)
         return self.gpu_attention(q, k, v, T)
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:

@@ -73,7 +73,7 @@ def test_blas_line_and_switch(smollm2_path):
     assert "mlx_llama: warning: the model runs on the CPU with MLX's bundled reference BLAS (slow)" in r.stderr
     if ctypes.util.find_library("openblas"):
         r = run_cli(*base)
-        assert "BLAS: libopenblas.so.0 (preloaded) | decode step: op by op" in r.stderr, r.stderr  # compiled: NVIDIA GPUs
+        assert "BLAS: libopenblas.so.0 (preloaded) | decode step: compiled" in r.stderr, r.stderr
 
 
 def test_chat_template_is_the_default_applied_once_stopping_at_end_of_turn(smollm2_path):

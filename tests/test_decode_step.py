@@ -1,9 +1,10 @@
 """The compiled decode step (`decode_step`) against the model run op by op.
 
-On an NVIDIA GPU it is the default for one sequence; here it runs on the CPU (MLX_LLAMA_COMPILE=1) with
-float16 activations, where the model uses MLX's attention rather than the CPU kernels, and a
-cache step of 8 positions, so that a few dozen tokens cross several buffer reallocations (each a
-new trace) and the sliding window of gemma3 (4 positions) moves over them."""
+The default for one sequence on the CPU and NVIDIA GPUs. Here on the CPU, with float32
+activations (the CPU mode: the `kernels` attention and SwiGLU op by op) and float16 (MLX's own
+ops, as on a GPU), and a cache step of 8 positions, so that a few dozen tokens cross several
+buffer reallocations (each a new trace) and the sliding window of gemma3 (4 positions) moves
+over them."""
 
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
     assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_compiled_step_in_the_cpu_mode(name, tiny_gguf, small_steps, monkeypatch):
+    """float32, weights expanded (the CPU's default): float32 sums in another order only."""
+    model, _ = mlx_llama.load(tiny(tiny_gguf, "Q8_0", **PEAKED, **VARIANTS[name]), dtype=mx.float32)
+    assert model.blk[0].attn.cpu_kernels == (mx.default_device() == mx.cpu)
+    eager, compiled = decode(model, False, monkeypatch), decode(model, True, monkeypatch)
+    assert np.abs(eager - compiled).max() <= 1e-4, name
+    assert (eager.argmax(-1) == compiled.argmax(-1)).all()
+
+
 def test_generation_gives_the_same_tokens(tiny_gguf, small_steps, monkeypatch):
     model, _ = mlx_llama.load(tiny(tiny_gguf, "Q4_0", **PEAKED), dtype=mx.float16, cpu_dequantize=False)
     runs = {}
@@ -72,21 +83,17 @@ def test_generation_gives_the_same_tokens(tiny_gguf, small_steps, monkeypatch):
 
 
 def test_when_it_is_used(tiny_gguf, monkeypatch):
-    path = tiny(tiny_gguf, "Q4_0")
-    f32, _ = mlx_llama.load(path, dtype=mx.float32)  # on the CPU: the CPU kernels, which read positions from the buffer
-    f16, _ = mlx_llama.load(path, dtype=mx.float16, cpu_dequantize=False)
-    assert f32.blk[0].attn.cpu_kernels == (mx.default_device() == mx.cpu) and not f16.blk[0].attn.cpu_kernels
-    for model in (f32, f16):
-        possible = not model.blk[0].attn.cpu_kernels
-        prefill(model, mx.array(PROMPT, mx.int32), cache := model.make_cache())
-        monkeypatch.setenv("MLX_LLAMA_COMPILE", "1")
-        assert decode_step.enabled(model, cache) == possible
-        assert not decode_step.enabled(model, model.make_cache())  # no buffers before the prompt
-        monkeypatch.setenv("MLX_LLAMA_COMPILE", "0")
-        assert not decode_step.enabled(model, cache)
-        monkeypatch.delenv("MLX_LLAMA_COMPILE")
-        on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()  # measured there; Metal: opt in
-        assert decode_step.enabled(model, cache) == (possible and on_cuda)
+    model, _ = mlx_llama.load(tiny(tiny_gguf, "Q4_0"))
+    prefill(model, mx.array(PROMPT, mx.int32), cache := model.make_cache())
+    monkeypatch.setenv("MLX_LLAMA_COMPILE", "1")
+    assert decode_step.enabled(model, cache)
+    assert not decode_step.enabled(model, model.make_cache())  # no buffers before the prompt
+    assert not decode_step.enabled(model, [None] * len(cache))  # not a sequence's own caches
+    monkeypatch.setenv("MLX_LLAMA_COMPILE", "0")
+    assert not decode_step.enabled(model, cache)
+    monkeypatch.delenv("MLX_LLAMA_COMPILE")
+    measured = mx.default_device() == mx.cpu or mx.cuda.is_available()  # Metal: opt in
+    assert decode_step.enabled(model, cache) == measured
 
 
 def test_arrays_made_on_first_use_exist_before_the_trace(tiny_gguf):
