@@ -21,6 +21,7 @@ MLX_LLAMA_COMPILE=1 turns it on everywhere, =0 off.
 from __future__ import annotations
 
 import os
+import weakref
 
 import mlx.core as mx
 
@@ -66,20 +67,25 @@ class Slot:
 
 
 class CompiledDecoder:
-    """`model(token, cache)`'s last logits (1, vocab) for one new token, compiled."""
+    """`model(token, cache)`'s last logits (1, vocab) for one new token, compiled.
+
+    The model holds its decoder (`decoder`), and the decoder only a weak reference to the
+    model: no cycle, so a model no longer used frees its weights at once (the traces keep the
+    weights as constants until the compiled function is gone)."""
 
     def __init__(self, model: Model):
-        self.model = model
         for m in model.modules():  # arrays a layer makes on first use must exist before the trace
             if isinstance(m, RoPE):
                 m.frequencies()
-        self.step = mx.compile(self.trace)
+        owner = weakref.ref(model)
 
-    def trace(self, token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:
-        masks: dict = {}
-        slots = [Slot(state[i], state[i + 1], position, masks) for i in range(0, len(state), 2)]
-        logits = self.model(token, slots)[:, -1, :]
-        return (logits, *[a for s in slots for a in (s.keys, s.values)])
+        def trace(token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:
+            masks: dict = {}
+            slots = [Slot(state[i], state[i + 1], position, masks) for i in range(0, len(state), 2)]
+            logits = owner()(token, slots)[:, -1, :]
+            return (logits, *[a for s in slots for a in (s.keys, s.values)])
+
+        self.step = mx.compile(trace)
 
     def __call__(self, y: mx.array, cache: list[KVCache]) -> mx.array:
         """y: the last token (1,) int32 → the next logits (1, vocab); the cache advances by one."""
