@@ -114,6 +114,14 @@ def random_block_file(tiny_gguf, tmp_path) -> Path:
     return dst
 
 
+def test_uneven_shares_are_gathered_in_order(tiny_gguf, tmp_path):
+    """FFN units that do not split evenly (5 groups of 32 over 3 ranks: 32, 64, 64) and a hidden
+    size that does not (100 over 3: 34, 34, 32): the gathered pieces put back in rank order."""
+    path = tiny_gguf("F32", n_layers=2, hidden=100, n_heads=3, n_kv_heads=3, ffn=160, head_dim=32)
+    opts = ["--ctx", "32", "--chunks", "0", "--greedy", "8"]
+    assert_same_run(worker(path, "tensor", 3, tmp_path, *opts), single(path, ctx=32, chunks=0, greedy=8), exact=True)
+
+
 @SLOW  # the unit tests check each form's shares (test_distributed.py); this, the whole model
 @pytest.mark.parametrize("n", [2, 3])
 def test_compact_blocks_and_affine_split_exactly(tiny_gguf, tmp_path, n):
