@@ -14,29 +14,13 @@ from .download import default_model
 from .errors import GGUFError
 from .architectures import check_tensors, read_config
 from .chat_template import check_file_template
+from .cpu_mode import choose_cpu_dequantize
 from .gguf_file import GGUFFile
 from .model import Model, build_model, module_path
 from .quants import BF16, F16, F32, Affine, Blocks, decode_tensor, type_name
 from .tokenizer import Tokenizer
 
-# The CPU-mode rule: on the CPU, expand quantized weights to float32 (so every matmul goes through
-# BLAS) when the float32 model needs at most this share of the machine's physical memory.
-CPU_DEQUANTIZE_MEMORY_SHARE = 0.5
 VECTOR_TYPES = (F32, F16, BF16)  # norm weights, biases, RoPE factors
-
-
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def choose_cpu_dequantize(n_params: int) -> bool:
-    """Auto rule: dequantize on the CPU device when float32 weights fit in half of physical memory."""
-    if mx.default_device() != mx.cpu:
-        return False
-    return n_params * 4 <= CPU_DEQUANTIZE_MEMORY_SHARE * physical_memory()
 
 
 def load(path=None, *, check_template: bool = True, **kwargs) -> tuple[Model, Tokenizer]:

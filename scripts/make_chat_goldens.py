@@ -11,7 +11,6 @@ top-2 logits differ by < 0.5 at that step.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 

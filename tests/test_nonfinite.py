@@ -9,7 +9,6 @@ import sys
 import warnings
 
 import gguf
-import mlx.core as mx
 import numpy as np
 import pytest
 

@@ -19,7 +19,6 @@ import pytest
 import mlx_llama
 from mlx_llama.chat_template import ChatTemplate
 from mlx_llama.errors import ToolCallError
-from mlx_llama.gguf_file import GGUFFile
 from mlx_llama.tools import (FORMATS, GENERIC, check_tools, forced_tools, generate_with_tools, parse_tool_calls,
                              tool_constraint, tool_format, tool_prompt)
 

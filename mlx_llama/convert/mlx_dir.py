@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..architectures import tensor_shapes
+from ..cpu_mode import choose_cpu_dequantize
 from ..errors import MlxLlamaError
 from .hf_config import ConfigError, from_hf, text_config
 from .names import IGNORED, gguf_name, heads_of, hf_name, is_permuted, norm_offset, rows_to_gguf
@@ -193,7 +194,6 @@ def load_model_dir(path, *, dtype: mx.Dtype | None = None, cpu_dequantize: bool 
     weights in `dtype` (float32 on the CPU, float16 on a GPU by default), MLX-affine layers kept
     quantized unless `cpu_dequantize` (None: the CPU-mode rule); other quantization modes are
     dequantized (mlx_llama's layers are affine)."""
-    from ..loader import choose_cpu_dequantize
     from ..model import build_model, module_path
 
     d = ModelDir(path)

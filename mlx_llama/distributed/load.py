@@ -22,7 +22,8 @@ from ..architectures import check_tensors, read_config
 from ..download import default_model
 from ..errors import GGUFError, MlxLlamaError
 from ..gguf_file import GGUFFile, TensorInfo
-from ..loader import add_weight, check_vector, choose_cpu_dequantize, dense_dtype_of
+from ..cpu_mode import choose_cpu_dequantize
+from ..loader import add_weight, check_vector, dense_dtype_of
 from ..model import Model, fill_model, module_path, uses_cpu_kernels
 from ..quants import FORMATS, SUBBLOCK16, Affine, Blocks, decode_tensor, dequantize_blocks
 from ..tokenizer import Tokenizer

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from ..tools import ToolFormat
 from . import prepare
-from .scheduler import Busy, Failed, Finished, Job, Piece, Scheduler, Started
+from .scheduler import Busy, Failed, Finished, Job, Piece, Scheduler
 from .schema import ChatRequest, CompletionRequest, Reply, RequestError, parse_body
 
 
