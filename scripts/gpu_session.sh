@@ -14,33 +14,50 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DIR=/tmp/bench7b; mkdir -p "$DIR"
 VOCAB=.gpuwork/ggml-vocab-llama-spm.gguf
 LB=/root/llama.cpp/build/bin/llama-bench
+Q40="$DIR/llama2-7b-shape-random-Q4_0-32l.gguf"
 step() { echo; echo "=== $* ($(date +%T))"; }
+offline_vocab() {  # the tests' vocabulary files from the carried copy: the host has no network
+  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
+}
+make_files() {  # bench_gpu's four files (Q4_0, Q4_K_M; 2 and 32 layers)
+  timeout "$1" python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+}
+make_q40() {  # the 32-layer Q4_0 file alone
+  timeout "$1" python3 -c "import sys; sys.path[:0]=['scripts']; import bench_load; bench_load.make_7b('$Q40', 'Q4_0', 32, '$VOCAB')"
+}
+ncu_token() {  # kernels per decoded token and their GPU time (profile_decode.py --ncu [--compiled], 2 steps)
+  local limit=$1; shift
+  timeout "$limit" ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
+      python3 scripts/profile_decode.py "$Q40" --ncu --ncu-steps 2 "$@" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+}
+wait_llama_bench() {  # up to $1 × 5 s for the background build
+  for i in $(seq "$1"); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
+  tail -1 /root/llama.cpp/build.log
+}
 
 if [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
-  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
+  offline_vocab
   step "GPU tests: decode attention kernel (the compiled step: bench_gpu --check)"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k decode_attention 2>&1 | tail -4 | tee "$OUT/attention_tests.txt"
   grep -q failed "$OUT/attention_tests.txt" && echo "export MLX_LLAMA_CUDA_ATTENTION=0" > /root/stash/attn.env  # the masked attention then
   step "7B files"
-  timeout 250 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  make_files 250
   [ -f /root/stash/attn.env ] && source /root/stash/attn.env
   step "where a decoded token's time goes (Q4_0), op by op and compiled"
-  timeout 100 python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
+  timeout 100 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
   step "kernels per token under Nsight Compute, compiled step"
-  timeout 90 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
-      python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --ncu --ncu-steps 2 --compiled > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+  ncu_token 90 --compiled
   tail -1 /root/llama.cpp/build.log
 elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
   source /root/stash/env.sh
   [ -f /root/stash/attn.env ] && cat /root/stash/attn.env && source /root/stash/attn.env
   step "wait for llama-bench"
-  for i in $(seq 60); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
-  tail -1 /root/llama.cpp/build.log
+  wait_llama_bench 60
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --op-by-op --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
@@ -48,35 +65,32 @@ elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of ml
   step setup
   source .gpu2/setup.sh
   step "Q4_0 file"
-  timeout 60 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_load; bench_load.make_7b('$DIR/llama2-7b-shape-random-Q4_0-32l.gguf', 'Q4_0', 32, '$VOCAB')"
+  make_q40 60
   step "mlx_llama (compiled step), then mlx-lm 4-bit g32, Q4_0, 2 repetitions each"
   cd scripts && timeout 150 python3 -c "
 import json, bench_gpu
-print('mlx_llama', json.dumps(bench_gpu.in_child('mlx_llama_worker', '$DIR/llama2-7b-shape-random-Q4_0-32l.gguf', 2)), flush=True)
+print('mlx_llama', json.dumps(bench_gpu.in_child('mlx_llama_worker', '$Q40', 2)), flush=True)
 print('mlx-lm g32', json.dumps(bench_gpu.in_child('mlx_lm_worker', 32, 2)), flush=True)"
 elif [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
   step setup
   source .gpu2/setup.sh
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
+  offline_vocab
   step "GPU tests (CUDA kernels, compiled decode step)"
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_decode_step.py -m "slow or not slow" 2>&1 | tail -15
   step "7B Q4_0 file"
-  timeout 200 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_load; bench_load.make_7b('$DIR/q40.gguf', 'Q4_0', 32, '$VOCAB')"
+  make_q40 200
   step "where a decoded token's time goes, op by op and compiled"
-  timeout 120 python3 scripts/profile_decode.py "$DIR/q40.gguf" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
+  timeout 120 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
   step "kernels per token under Nsight Compute, compiled step"
-  timeout 100 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
-      python3 scripts/profile_decode.py "$DIR/q40.gguf" --ncu --ncu-steps 2 --compiled > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+  ncu_token 100 --compiled
 elif [ "${1:-1}" = final ]; then  # one call on a fresh host: the end-to-end table alone
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   step "7B files, check"
-  timeout 200 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  make_files 200
   step "wait for llama-bench"
-  for i in $(seq 100); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
-  tail -1 /root/llama.cpp/build.log
+  wait_llama_bench 100
   step "end to end"
   timeout 330 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
@@ -85,30 +99,27 @@ elif [ "${1:-1}" = 1 ]; then
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
-  mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete  # offline
+  offline_vocab
   step "CUDA kernel tests"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tail -25
   step "kernel speed"
   timeout 280 python3 scripts/check_cuda_kernels.py /root/stash/tiles.env 2>&1 | tee "$OUT/kernels.txt"
   [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # the fastest tiling from here on
   step "7B files"
-  timeout 250 python3 -c "import sys; sys.path[:0]=['scripts']; import bench_gpu; bench_gpu.make_files('$DIR', 32, '$VOCAB')"
+  make_files 250
   step "where a decoded token's time goes (Q4_0, Q4_K_M)"
   for r in Q4_0 Q4_K_M; do
     timeout 60 python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-$r-32l.gguf" 2>&1 | tail -7 | tee "$OUT/profile_$r.txt"
   done
   step "kernels per token under Nsight Compute (Q4_0, 2 decode steps)"
-  timeout 100 ncu --metrics gpu__time_duration.sum --csv --profile-from-start off --clock-control none \
-      python3 scripts/profile_decode.py "$DIR/llama2-7b-shape-random-Q4_0-32l.gguf" --ncu --ncu-steps 2 > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-  python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
+  ncu_token 100
   step "llama-bench build"
   tail -2 /root/llama.cpp/build.log
 else
   source /root/stash/env.sh
   [ -f /root/stash/tiles.env ] && cat /root/stash/tiles.env && source /root/stash/tiles.env  # phase 1's fastest tiling
   step "wait for llama-bench"
-  for i in $(seq 60); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
-  tail -1 /root/llama.cpp/build.log
+  wait_llama_bench 60
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --baseline --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
