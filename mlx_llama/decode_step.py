@@ -98,12 +98,12 @@ class CompiledDecoder:
         return out[0]
 
 
-def decoder(model, cache):
-    """The decode-step function for `model` with `cache`: compiled where `enabled`, else the
-    model called op by op."""
-    if enabled(model, cache):
-        compiled = getattr(model, "_compiled_decoder", None)
-        if compiled is None:
-            compiled = model._compiled_decoder = CompiledDecoder(model)
-        return lambda y: compiled(y, cache)
+def decoder(model, cache, compiled: bool | None = None):
+    """The decode-step function for `model` with `cache`: compiled where `enabled` (or as
+    `compiled` says), else the model called op by op."""
+    if compiled if compiled is not None else enabled(model, cache):
+        step = getattr(model, "_compiled_decoder", None)
+        if step is None:
+            step = model._compiled_decoder = CompiledDecoder(model)
+        return lambda y: step(y, cache)
     return lambda y: model(y[None], cache)[:, -1, :]

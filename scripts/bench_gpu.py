@@ -142,23 +142,22 @@ def check(path: str) -> dict:
 
 
 def decode_difference(model, prompt: list[int], steps: int = 300) -> float:
-    """max |Δlogit| between `steps` greedy decode steps compiled (`decode_step`) and op by op,
-    fed the same tokens (over a cache reallocation: 16 + 300 > 256)."""
+    """max |Δlogit| between `steps` decode steps compiled (`decode_step`) and op by op, after
+    the prompt's greedy token fed the same tokens (over a cache reallocation: 16 + 300 > 256)."""
     import mlx.core as mx
     import numpy as np
 
-    from mlx_llama.decode_step import CompiledDecoder
+    from mlx_llama.decode_step import decoder
     from mlx_llama.generation import prefill
 
     runs = []
     for compiled in (False, True):
         cache = model.make_cache()
         y = mx.argmax(prefill(model, mx.array(prompt, mx.int32), cache), -1).astype(mx.int32)
-        step = CompiledDecoder(model) if compiled else None
+        forward = decoder(model, cache, compiled)
         logits = []
         for i in range(steps):
-            out = step(y, cache) if compiled else model(y[None], cache)[:, -1, :]
-            logits.append(out.astype(mx.float32))
+            logits.append(forward(y).astype(mx.float32))
             y = mx.array([(prompt[0] + 7 * i) % model.config.vocab_size], mx.int32)  # the same tokens both ways
         runs.append(np.array(mx.concatenate(logits)))
     return float(np.abs(runs[0] - runs[1]).max())

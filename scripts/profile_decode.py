@@ -33,25 +33,16 @@ def build_and_step(forward, y):
     return nxt, built
 
 
-def forward_of(model, cache, compiled: bool):
-    """The decode step op by op, or compiled (`decode_step`)."""
-    from mlx_llama.decode_step import CompiledDecoder
-
-    if compiled:
-        step = CompiledDecoder(model)
-        return lambda y: step(y, cache)
-    return lambda y: model(y[None], cache)[:, -1, :]
-
-
 def steps(model, cache, y, n: int, compiled: bool):
     """Host build and synchronous step times of n steps, and the pipelined rate of n more
     (`generate_tokens`, with MLX_LLAMA_COMPILE set to match)."""
     import mlx.core as mx
 
+    from mlx_llama.decode_step import decoder
     from mlx_llama.generation import generate_tokens
     from mlx_llama.sample import SamplingParams
 
-    forward = forward_of(model, cache, compiled)
+    forward = decoder(model, cache, compiled)
     for _ in range(3):  # warm up: kernels compiled, the step traced
         y, _ = build_and_step(forward, y)
         mx.eval(y)
@@ -126,6 +117,7 @@ def main(argv=None) -> int:
     import mlx.core as mx
     import numpy as np
 
+    from mlx_llama.decode_step import decoder
     from mlx_llama.generation import prefill
     from mlx_llama.gguf_file import GGUFFile
     from mlx_llama.loader import load_model
@@ -137,7 +129,7 @@ def main(argv=None) -> int:
     y = mx.argmax(prefill(model, prompt, cache), axis=-1)
     mx.eval(y, [c.state for c in cache])
     if args.ncu:
-        forward = forward_of(model, cache, args.compiled)
+        forward = decoder(model, cache, args.compiled)
         for _ in range(3):  # warm up: kernels compiled, caches grown, the step traced
             y, _ = build_and_step(forward, y)
             mx.eval(y)

@@ -29,7 +29,7 @@ from ..quants import FORMATS, SUBBLOCK16, Affine, Blocks, decode_tensor, dequant
 from ..tokenizer import Tokenizer
 from .base import Part
 from .pipeline import PipelineModel, split_layers
-from .tensor import GROUP, REDUCE, SUPER_BLOCK, TensorParallelModel, TensorSplit, row_layers, shard_modules
+from .tensor import GROUP, SUPER_BLOCK, TensorParallelModel, TensorSplit, check_reduce, row_layers, shard_modules
 from .world import World, connect, fingerprint
 
 MODES = ("pipeline", "tensor")
@@ -45,8 +45,7 @@ def load(path=None, mode: str = "pipeline", world: World | None = None, *, dtype
     it is `mlx_llama.load`."""
     if mode not in MODES:
         raise MlxLlamaError(f"unknown distributed mode {mode!r} (expected one of {', '.join(MODES)})")
-    if reduce not in REDUCE:
-        raise MlxLlamaError(f"unknown tensor-parallel reduction {reduce!r} (expected {' or '.join(REDUCE)})")
+    check_reduce(reduce)
     world = world or connect()
     path = os.fspath(path if path is not None else default_model())
     if world.size == 1:

@@ -47,8 +47,7 @@ class TensorSplit:
                 f"tensor parallelism over {size} ranks needs a key/value head count divisible by {size}; "
                 f"this model has {cfg.num_kv_heads} key/value heads ({cfg.num_heads} query heads): "
                 f"use {_divisors(cfg.num_kv_heads)} ranks, or --pipeline")
-        if reduce not in REDUCE:
-            raise SameOnEveryRank(f"unknown tensor-parallel reduction {reduce!r} (expected {' or '.join(REDUCE)})")
+        check_reduce(reduce)
         self.cfg, self.rank, self.size, self.reduce = cfg, rank, size, reduce
         per_kv = cfg.num_kv_heads // size
         self.kv_heads = (rank * per_kv, (rank + 1) * per_kv)
@@ -106,6 +105,12 @@ class TensorSplit:
 
 
 REDUCE = ("gather", "sum")
+
+
+def check_reduce(reduce: str) -> None:
+    """A one-line error, the same on every rank, for a reduction other than REDUCE's."""
+    if reduce not in REDUCE:
+        raise SameOnEveryRank(f"unknown tensor-parallel reduction {reduce!r} (expected {' or '.join(REDUCE)})")
 
 
 def _equal_share(n: int, rank: int, size: int) -> tuple[tuple[int, int], int]:
