@@ -79,6 +79,30 @@ __device__ __forceinline__ void load32(const __nv_bfloat16* p, float* v) {
   }
 }
 
+// act(gate) · up for 32 consecutive positions (gate at p, up at p + k), rounded to T as the
+// activation's own kernel stores it: the gated activation read inside the down projection.
+// ACT 1: SiLU, 2: GELU (tanh approximation).
+template <int ACT>
+__device__ __forceinline__ float activate(float g) {
+  if constexpr (ACT == 1) return g / (1.0f + expf(-g));
+  else return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+template <int ACT, typename T>
+__device__ __forceinline__ void load32_glu(const T* p, int64_t k, float* v) {
+  float u[32];
+  load32(p, v);
+  load32(p + k, u);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) v[j] = static_cast<float>(static_cast<T>(activate<ACT>(v[j]) * u[j]));
+}
+// the 32 activations a matvec reads at column c of row t: x itself (ACT 0), or act(gate) · up
+// from x = [gate; up] (rows of 2k)
+template <int ACT, typename T>
+__device__ __forceinline__ void load_input(const T* x, int t, int64_t k, int64_t c, float* v) {
+  if constexpr (ACT == 0) load32(x + int64_t(t) * k + c, v);
+  else load32_glu<ACT>(x + int64_t(t) * 2 * k + c, k, v);
+}
+
 // The BITS words of one group: 16-byte loads where the group is a whole number of them.
 template <int BITS>
 __device__ __forceinline__ void load_group(const uint32_t* p, uint32_t* q) {
@@ -131,7 +155,8 @@ _MATVEC = r"""
                     const int64_t row = min(row0 + r, ROWS - 1);
                     load_group<BITS>(w + (row * G + g) * BITS, q[u][r]);
                     s[u][r] = static_cast<float>(scales[row * G + g]);
-                    b[u][r] = static_cast<float>(biases[row * G + g]);
+                    // SYM: the bias is −2^(BITS−1) · scale (Q4_0, Q5_0, Q8_0): not read
+                    b[u][r] = SYM ? -float(1 << (BITS - 1)) * s[u][r] : static_cast<float>(biases[row * G + g]);
                 }
             }
         }
@@ -142,7 +167,7 @@ _MATVEC = r"""
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
                 float xv[32];
-                load32(x + int64_t(t) * K + int64_t(g) * 32, xv);
+                load_input<ACT>(x, t, K, int64_t(g) * 32, xv);
                 float xs = 0.0f;
 #pragma unroll
                 for (int j = 0; j < 32; ++j) xs += xv[j];
@@ -189,20 +214,34 @@ def supported(bits: int, group_size: int, k: int) -> bool:
     return group_size == GROUP and bits in (2, 3, 4, 5, 6, 8) and k % GROUP == 0
 
 
-def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int) -> mx.array:
-    """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows) in x's dtype."""
+def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, *, symmetric: bool = False,
+           act: int = 0) -> mx.array:
+    """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows) in x's dtype.
+
+    symmetric: every bias is −2^(bits−1) · its scale (`is_symmetric`): the biases are not read.
+    act: x is [gate; up] (..., 2K) and the product is of act(gate) · up (1: SiLU, 2: GELU-tanh),
+    computed as the activations are read (`ACTIVATIONS`)."""
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(name="mlx_llama_affine_matvec", input_names=["x", "w", "scales", "biases"],
                                       output_names=["out"], source=_MATVEC, header=HEADER)
-    rows, k = w.shape[0], x.shape[-1]
+    rows = w.shape[0]
+    k = x.shape[-1] // (2 if act else 1)
     lead = x.shape[:-1]
-    nt = x.size // k
+    nt = x.size // x.shape[-1]
     r = max(1, ROWS_PER_BLOCK // nt)  # a batch's rows share the registers (no spills past ~4 × 4)
     return _kernel(
-        inputs=[x.reshape(nt, k), w, scales, biases],
+        inputs=[x.reshape(nt, x.shape[-1]), w, scales, biases],
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
-                  ("R", r), ("OutT", x.dtype)],
+                  ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("OutT", x.dtype)],
         grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
     )[0].reshape(*lead, rows)
+
+
+ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gated activations the matvecs compute as they read
+
+
+def is_symmetric(scales: mx.array, biases: mx.array, bits: int) -> bool:
+    """Whether every bias is −2^(bits−1) · its scale, exactly (the forms of Q4_0, Q5_0, Q8_0)."""
+    return bool(mx.array_equal(biases, scales * -(2 ** (bits - 1))).item())

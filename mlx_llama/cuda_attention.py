@@ -4,7 +4,11 @@ The compiled decode step (`decode_step`) attends over the cache's whole buffer, 
 fixed while the position moves. With MLX's ops that is a masked attention: MLX's fused kernels
 take no mask array, so it runs as matmul, mask, softmax, matmul (~24 µs per layer on an H200 at
 640 positions). This kernel reads the position from the device and touches only the keys and
-values written so far (or the sliding window's):
+values written so far (or the sliding window's). It also takes the new token's query, key and
+value as the projection made them: RoPE (MLX's arithmetic) is applied to q and k inside it, the
+new key and value are used from shared memory, and the rotated key is an output, which the
+step then writes into the cache with the value (two kernels per layer fewer than MLX's RoPE of
+q and of k; `MLX_LLAMA_CUDA_FUSE` without "rope" leaves RoPE to MLX):
 
 * one block of THREADS threads per query head (a key/value head serves its group of query
   heads: GQA);
@@ -32,7 +36,7 @@ from . import cuda_affine
 THREADS = 512
 MAX_POSITIONS = 4096  # scores in shared memory (16 KB); a longer buffer uses MLX's masked attention
 
-_HEADER = """
+HEADER = """
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -66,31 +70,61 @@ __device__ __forceinline__ float warp_sum(float v) {
 """
 
 _SOURCE = """
+    // q, k, v: the new token's (its query heads at Q_OFF, its key/value heads at K_OFF, V_OFF),
+    // before RoPE when ROPE > 0 (1: adjacent pairs, 2: NEOX halves of the first ROPE_DIMS);
+    // keys, values: the cache buffers, positions < position written; out: attention;
+    // k_out: the new key as the cache stores it (rotated; written by one block per key head)
     constexpr int WARPS = THREADS / 32, VEC = 8, LANES = D / VEC, G = THREADS / LANES;
     __shared__ float score[CAP];
     __shared__ float part[G * D];
-    __shared__ float qs[D];
+    __shared__ float qs[D], kn[D], vn[D];
     __shared__ float wred[WARPS];
     const int head = blockIdx.x, kv = head / GROUP;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n = position[0] + 1;
+    const int pos = position[0], n = pos + 1;
     const int first = WINDOW > 0 && n > WINDOW ? n - WINDOW : 0;
     const int count = n - first;
+    for (int d = tid; d < D; d += THREADS) {
+        qs[d] = static_cast<float>(q[Q_OFF + int64_t(head) * D + d]);
+        kn[d] = static_cast<float>(k[K_OFF + int64_t(kv) * D + d]);
+        vn[d] = static_cast<float>(v[V_OFF + int64_t(kv) * D + d]);
+    }
+    __syncthreads();
+    if constexpr (ROPE > 0) {  // MLX's rope: theta = scale · position · inv_freq, rounded to the dtype
+        const float at = __int_as_float(ROPE_SCALE_BITS) * static_cast<float>(pos);
+        for (int i = tid; i < ROPE_DIMS / 2; i += THREADS) {
+            const float theta = at * inv_freq[i], c = cos(theta), s = sin(theta);
+            const int a = ROPE == 1 ? 2 * i : i, b = ROPE == 1 ? 2 * i + 1 : i + ROPE_DIMS / 2;
+            const float q1 = qs[a], q2 = qs[b], k1 = kn[a], k2 = kn[b];
+            qs[a] = static_cast<float>(static_cast<OutT>(q1 * c - q2 * s));
+            qs[b] = static_cast<float>(static_cast<OutT>(q1 * s + q2 * c));
+            kn[a] = static_cast<float>(static_cast<OutT>(k1 * c - k2 * s));
+            kn[b] = static_cast<float>(static_cast<OutT>(k1 * s + k2 * c));
+        }
+        __syncthreads();
+    }
     const float scale = __int_as_float(SCALE_BITS);
-    for (int d = tid; d < D; d += THREADS) qs[d] = static_cast<float>(q[int64_t(head) * D + d]) * scale;
+    for (int d = tid; d < D; d += THREADS) {
+        if (head % GROUP == 0) k_out[int64_t(kv) * D + d] = static_cast<OutT>(kn[d]);
+        qs[d] *= scale;
+    }
     __syncthreads();
     const int64_t base = (int64_t(kv) * CAP + first) * D;
-    // scores: a thread per position
+    // scores: a thread per position; the new token's key from shared memory
     float local_max = __int_as_float(0xff800000);  // -inf
     for (int i = tid; i < count; i += THREADS) {
-        const auto* row = keys + base + int64_t(i) * D;
         float s = 0.0f;
+        if (first + i == pos) {
+            for (int c = 0; c < D; ++c) s += qs[c] * kn[c];
+        } else {
+            const auto* row = keys + base + int64_t(i) * D;
 #pragma unroll 4
-        for (int c = 0; c < D; c += VEC) {  // 4 loads in flight: registers for THREADS threads
-            float v[VEC];
-            load8(row + c, v);
+            for (int c = 0; c < D; c += VEC) {  // 4 loads in flight: registers for THREADS threads
+                float kv8[VEC];
+                load8(row + c, kv8);
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) s += qs[c + j] * v[j];
+                for (int j = 0; j < VEC; ++j) s += qs[c + j] * kv8[j];
+            }
         }
         score[i] = s;
         local_max = fmaxf(local_max, s);
@@ -99,7 +133,7 @@ _SOURCE = """
     if (lane == 0) wred[warp] = local_max;
     __syncthreads();
     float m = wred[0];
-    for (int k = 1; k < WARPS; ++k) m = fmaxf(m, wred[k]);
+    for (int w = 1; w < WARPS; ++w) m = fmaxf(m, wred[w]);
     __syncthreads();
     // exp (each thread its own positions) and the block's sum
     float local_sum = 0.0f;
@@ -112,7 +146,7 @@ _SOURCE = """
     if (lane == 0) wred[warp] = local_sum;
     __syncthreads();
     float l = 0.0f;
-    for (int k = 0; k < WARPS; ++k) l += wred[k];
+    for (int w = 0; w < WARPS; ++w) l += wred[w];
     // the weighted sum of the values: LANES threads per row, G rows at a time
     const int c = (tid % LANES) * VEC, g = tid / LANES;
     if (g < G) {
@@ -121,19 +155,24 @@ _SOURCE = """
         for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
         for (int i = g; i < count; i += G) {
             const float w = score[i];
-            float v[VEC];
-            load8(values + base + int64_t(i) * D + c, v);
+            float v8[VEC];
+            if (first + i == pos) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[j] += w * v[j];
+                for (int j = 0; j < VEC; ++j) v8[j] = vn[c + j];
+            } else {
+                load8(values + base + int64_t(i) * D + c, v8);
+            }
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[j] += w * v8[j];
         }
 #pragma unroll
         for (int j = 0; j < VEC; ++j) part[g * D + c + j] = acc[j];
     }
     __syncthreads();
     for (int d = tid; d < D; d += THREADS) {
-        float v = 0.0f;
-        for (int k = 0; k < G; ++k) v += part[k * D + d];
-        out[int64_t(head) * D + d] = static_cast<OutT>(v / l);
+        float o = 0.0f;
+        for (int w = 0; w < G; ++w) o += part[w * D + d];
+        out[int64_t(head) * D + d] = static_cast<OutT>(o / l);
     }
 """
 
@@ -144,28 +183,44 @@ def available() -> bool:
     return cuda_affine.available() and os.environ.get("MLX_LLAMA_CUDA_ATTENTION", "1") != "0"
 
 
-def supported(q: mx.array, keys: mx.array) -> bool:
-    """One query row, a head size the kernel lays out (a multiple of 8 up to 256), a buffer whose
-    scores fit in shared memory."""
-    B, _, T, D = q.shape
-    return B == 1 and T == 1 and D % 8 == 0 and D <= 256 and keys.shape[2] <= MAX_POSITIONS
+def serves(batch: int, head_dim: int, capacity: int) -> bool:
+    """Whether the kernel serves a compiled step's attention: `available`, one sequence, a head
+    size it lays out (a multiple of 8 up to 256), a buffer whose scores fit in shared memory."""
+    return available() and batch == 1 and head_dim % 8 == 0 and head_dim <= 256 and capacity <= MAX_POSITIONS
 
 
-def decode_attention(q: mx.array, keys: mx.array, values: mx.array, position: mx.array, scale: float,
-                     window: int = 0) -> mx.array:
-    """q (1, Hq, 1, D) attending to keys/values (1, Hkv, capacity, D) at positions 0..position
-    (the last `window` of them when window > 0) → (1, Hq, 1, D) in q's dtype."""
+def float_bits(x: float) -> int:
+    """A float32's bits as an int (a kernel's template argument)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: mx.array, position: mx.array,
+                     scale: float, *, heads: int, window: int = 0, rope=None, offsets: tuple[int, int, int] = (0, 0, 0),
+                     ) -> tuple[mx.array, mx.array]:
+    """The new token's attention over the cache buffers → (out (1, heads, 1, D), its key as the cache
+    stores it (1, Hkv, 1, D)), in the cache's dtype.
+
+    q, k, v: the new token's `heads` query heads and Hkv key and value heads, flat from `offsets` on (one array may be
+    passed as all three: the fused q/k/v projection's output); keys, values (1, Hkv, capacity, D):
+    positions < `position` written, the rest not read (the caller writes the new key and value at
+    `position` afterwards); attention over 0..position (the last `window` when window > 0).
+    rope: None (q and k rotated already) or (traditional, dims, scale, inv_freq (dims/2,) float32):
+    MLX's RoPE at `position` applied to q and k inside the kernel."""
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="mlx_llama_decode_attention", input_names=["q", "keys", "values", "position"],
-                                      output_names=["out"], source=_SOURCE, header=_HEADER)
-    _, hq, _, d = q.shape
-    hkv, cap = keys.shape[1], keys.shape[2]
-    scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]
-    return _kernel(
-        inputs=[q, keys, values, position.reshape(1).astype(mx.int32)],
-        template=[("D", d), ("CAP", cap), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", scale_bits),
-                  ("THREADS", THREADS), ("OutT", q.dtype)],
+        _kernel = mx.fast.cuda_kernel(
+            name="mlx_llama_decode_attention", input_names=["q", "k", "v", "keys", "values", "position", "inv_freq"],
+            output_names=["out", "k_out"], source=_SOURCE, header=HEADER)
+    hkv, cap, d = keys.shape[1:]
+    hq = heads
+    traditional, dims, rope_scale, inv_freq = rope if rope is not None else (True, 0, 1.0, mx.zeros((1,), mx.float32))
+    out, k_out = _kernel(
+        inputs=[q, k, v, keys, values, position.reshape(1).astype(mx.int32), inv_freq],
+        template=[("D", d), ("CAP", cap), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
+                  ("THREADS", THREADS), ("ROPE", 0 if rope is None else 1 if traditional else 2), ("ROPE_DIMS", dims),
+                  ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("Q_OFF", offsets[0]), ("K_OFF", offsets[1]),
+                  ("V_OFF", offsets[2]), ("OutT", keys.dtype)],
         grid=(hq * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[q.shape], output_dtypes=[q.dtype],
-    )[0]
+        output_shapes=[(1, hq, 1, d), (1, hkv, 1, d)], output_dtypes=[keys.dtype, keys.dtype],
+    )
+    return out, k_out

@@ -120,7 +120,7 @@ _Q6_K_MATVEC = """
         }}
         for (int t = 0; t < NT; ++t) {{
             float xv[32];
-            load32(x + int64_t(t) * NB * 256 + int64_t(b) * 256 + 128 * h + 32 * p, xv);
+            load_input<ACT>(x, t, int64_t(NB) * 256, int64_t(b) * 256 + 128 * h + 32 * p, xv);
 #pragma unroll
             for (int r = 0; r < R; ++r) {{
                 float dot = 0.0f;
@@ -192,23 +192,26 @@ def dequantize(ggml_type: int, fields: dict, dtype: mx.Dtype) -> mx.array:
     )[0]
 
 
-def block_matvec(x: mx.array, ggml_type: int, fields: dict) -> mx.array:
+def block_matvec(x: mx.array, ggml_type: int, fields: dict, act: int = 0) -> mx.array:
     """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows), float32 sums (in x's
-    dtype for Q6_K, float32 for Q2_K)."""
+    dtype for Q6_K, float32 for Q2_K). act (Q6_K only): x is [gate; up] (..., 2K), the product
+    is of act(gate) · up (`cuda_affine.matvec`)."""
     rows, nb = fields["d"].shape
     lead = x.shape[:-1]
     nt = 1
     for n in lead:
         nt *= n
-    inputs = [x.reshape(nt, nb * 256), *(fields[k] for k in _FIELDS[ggml_type])]
+    inputs = [x.reshape(nt, x.shape[-1]), *(fields[k] for k in _FIELDS[ggml_type])]
     if ggml_type == Q6_K:
         r = max(1, Q6_K_ROWS // nt)  # a batch's rows share the registers
         return _kernel("matvec", ggml_type)(
             inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r),
-                                     ("OutT", x.dtype)],
+                                     ("ACT", act), ("OutT", x.dtype)],
             grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
             output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
         )[0].reshape(*lead, rows)
+    if act:
+        raise ValueError("the gated activation is read inside the Q6_K matvec only")
     split = max(1, min(nb, -(-TARGET_WARPS // rows)))
     out = _kernel("matvec", ggml_type)(
         inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("SPLIT", split)],

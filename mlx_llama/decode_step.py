@@ -52,10 +52,14 @@ class Slot:
         self.keys, self.values, self.offset, self.masks = keys, values, position, masks
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.write(keys, values)
+        return self.keys, self.values
+
+    def write(self, keys: mx.array, values: mx.array) -> None:
+        """The new token's key and value (1, kv_heads, 1, head_dim) into the buffers at the position."""
         where = mx.broadcast_to(self.offset.reshape(1, 1, 1, 1), keys.shape)
         self.keys = mx.put_along_axis(self.keys, where, keys.astype(self.keys.dtype), axis=2)
         self.values = mx.put_along_axis(self.values, where, values.astype(self.values.dtype), axis=2)
-        return self.keys, self.values
 
     def attention_mask(self, window: int) -> mx.array:
         """(capacity,) bool: the positions the new token attends to."""
@@ -76,7 +80,7 @@ class CompiledDecoder:
     def __init__(self, model: Model):
         for m in model.modules():  # arrays a layer makes on first use must exist before the trace
             if isinstance(m, RoPE):
-                m.frequencies()
+                m.frequencies(), m.inverse_frequencies()
         owner = weakref.ref(model)
 
         def trace(token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:

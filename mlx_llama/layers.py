@@ -4,11 +4,13 @@ and Q2_K/Q6_K blocks dequantized when used. A layer's weight carries a bias when
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import cuda_affine, cuda_kernels
-from .quants import dequantize_blocks
+from .quants import Q6_K, dequantize_blocks
 
 
 def affine_product(x: mx.array, layer: nn.Module) -> mx.array:
@@ -22,10 +24,45 @@ def affine_product(x: mx.array, layer: nn.Module) -> mx.array:
     k = x.shape[-1]
     if cuda_affine.available() and cuda_affine.supported(layer.bits, layer.group_size, k):
         if x.size // k <= cuda_affine.MATVEC_MAX_ROWS:
-            return cuda_affine.matvec(x, w, scales, biases, layer.bits)
+            return cuda_affine.matvec(x, w, scales, biases, layer.bits, symmetric=getattr(layer, "symmetric", False))
         w, scales, biases = mx.depends([w, scales, biases], [x])
         return x @ mx.dequantize(w, scales, biases, group_size=layer.group_size, bits=layer.bits, dtype=x.dtype).T
     return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=layer.group_size, bits=layer.bits)
+
+
+def gated_product(layer: nn.Module, a: mx.array, activation: str) -> mx.array | None:
+    """layer(act(gate) · up) from a = [gate; up] (..., 2K) in one CUDA matvec, the activation
+    computed as the matvec reads its input (saves a kernel per layer and token while decoding);
+    None where no such kernel serves the layer (then the caller applies the activation)."""
+    act = cuda_affine.ACTIVATIONS.get(activation, 0)
+    rows = a.size // a.shape[-1]
+    if not act or not cuda_affine.available() or rows > cuda_affine.MATVEC_MAX_ROWS or not fused_kernels("glu"):
+        return None
+    k = a.shape[-1] // 2
+    if isinstance(layer, AffineLinear) and cuda_affine.supported(layer.bits, layer.group_size, k):
+        y = cuda_affine.matvec(a, layer["weight"], layer["scales"], layer["biases"], layer.bits,
+                               symmetric=getattr(layer, "symmetric", False), act=act)
+    elif type(layer) is BlockLinear and layer.ggml_type == Q6_K:
+        y = cuda_kernels.block_matvec(a, Q6_K, layer.fields(), act=act)
+    else:
+        return None
+    return y + layer["bias"] if "bias" in layer else y
+
+
+def mark_symmetric(model: nn.Module) -> None:
+    """Mark the affine layers whose biases are all −2^(bits−1) · scale (`cuda_affine.is_symmetric`):
+    their CUDA matvec reads the scales alone (a tenth fewer bytes for Q4_0)."""
+    if not fused_kernels("sym"):
+        return
+    for _, m in model.named_modules():
+        if isinstance(m, (AffineLinear, QuantizedEmbedding)):
+            m.symmetric = cuda_affine.is_symmetric(m["scales"], m["biases"], m.bits)
+
+
+def fused_kernels(piece: str) -> bool:
+    """Whether the fused CUDA decode piece `piece` is on: MLX_LLAMA_CUDA_FUSE lists them
+    (default all: glu, sym, norm, rope; "none" for none)."""
+    return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", "glu,sym,norm,rope").split(",")
 
 
 class AffineLinear(nn.QuantizedLinear):

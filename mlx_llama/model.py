@@ -13,11 +13,12 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from . import cuda_attention, kernels
+from . import cuda_attention, cuda_norm, kernels
 from .architectures import ModelConfig
 from .cache import KVCache
-from .layers import BlockLinear, Embedding, Linear, block_layer
+from .layers import BlockLinear, Embedding, Linear, block_layer, fused_kernels, gated_product, mark_symmetric
 
 BLOCK_LEVEL = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")  # norms that sit in the block itself
 
@@ -59,7 +60,7 @@ class RoPE(nn.Module):
                  factors: Vector | None = None, attn_factor: float = 1.0):
         super().__init__()
         self.dims, self.traditional, self.base, self.scale = dims, traditional, base, scale
-        self._factors, self._freqs = factors, None  # private: not parameters of this module
+        self._factors, self._freqs, self._inv_freq = factors, None, None  # private: not parameters of this module
         self._mscale = None
         if attn_factor != 1.0:  # (head_dim,): attn_factor on the rotated dims, 1 on the rest
             self._mscale = mx.array([attn_factor] * dims + [1.0] * (head_dim - dims), mx.float32)
@@ -72,6 +73,24 @@ class RoPE(nn.Module):
             self._freqs = periods * self._factors.weight.astype(mx.float32)
             mx.eval(self._freqs)
         return self._freqs
+
+    def kernel_form(self) -> tuple | None:
+        """(traditional, dims, scale, inverse frequencies) for a kernel that applies this RoPE as
+        MLX's does (`cuda_attention`); None where it cannot (an attn_factor)."""
+        return None if self._mscale is not None else (self.traditional, self.dims, self.scale, self.inverse_frequencies())
+
+    def inverse_frequencies(self) -> mx.array:
+        """(dims/2,) float32 as MLX's rope computes them: 1 / freqs with factors, else
+        2^(−i/(dims/2) · log2 base); made once (`decode_step` asks before it traces a step)."""
+        if self._inv_freq is None:
+            half = self.dims // 2
+            if self._factors is not None:
+                self._inv_freq = 1.0 / self.frequencies()
+            else:
+                d = np.arange(half, dtype=np.float32) / np.float32(half)
+                self._inv_freq = mx.array(np.exp2(-d * np.float32(math.log2(self.base))))
+            mx.eval(self._inv_freq)
+        return self._inv_freq
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         if self._factors is None:
@@ -129,6 +148,8 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache | list[KVCache | None] | None) -> mx.array:
         B, T, _ = x.shape
+        if T == 1 and hasattr(cache, "attention_mask") and cuda_attention.serves(B, self.head_dim, cache.keys.shape[2]):
+            return self.attn_output(self.kernel_attention(x, cache).reshape(B, 1, -1))
         q, k, v = self.projections(x)
         q, k, v = heads(q, self.n_heads, B, T), heads(k, self.n_kv_heads, B, T), heads(v, self.n_kv_heads, B, T)
         if "attn_q_norm" in self:
@@ -152,12 +173,33 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if hasattr(cache, "attention_mask"):  # a compiled decode step's cache: the whole buffer, masked
-            if cuda_attention.available() and cuda_attention.supported(q, k):
-                return cuda_attention.decode_attention(q, k, v, cache.offset, self.scale, self.window)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=cache.attention_mask(self.window))
         if self.cpu_kernels:
             return kernels.attention(q, k, v, self.scale, self.window)
         return self.gpu_attention(q, k, v, T)
+
+    def kernel_attention(self, x: mx.array, slot) -> mx.array:
+        """One token's attention in a compiled step by `cuda_attention`'s kernel, RoPE in it where
+        `kernel_form` allows (the fused q/k/v output then goes in as it is); the new key and value
+        written into the slot's buffers after → (1, heads, 1, head_dim)."""
+        rope = self.rope.kernel_form() if fused_kernels("rope") else None
+        if rope is not None and "attn_qkv" in self and "attn_q_norm" not in self:
+            qkv = self.attn_qkv(x)
+            q = k = v = qkv
+            offsets = (0, self.q_dim, self.q_dim + self.kv_dim)
+            v_new = qkv[..., self.q_dim + self.kv_dim :]
+        else:
+            q, k, v_new = self.projections(x)
+            q, k = heads(q, self.n_heads, 1, 1), heads(k, self.n_kv_heads, 1, 1)
+            if "attn_q_norm" in self:
+                q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+            if rope is None:
+                q, k = self.rope(q, slot.offset), self.rope(k, slot.offset)
+            v, offsets = v_new, (0, 0, 0)
+        out, k_new = cuda_attention.decode_attention(q, k, v, slot.keys, slot.values, slot.offset, self.scale,
+                                                     heads=self.n_heads, window=self.window, rope=rope, offsets=offsets)
+        slot.write(k_new, heads(v_new, self.n_kv_heads, 1, 1))
+        return out
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:
         if self.window and T == 1:
@@ -174,6 +216,7 @@ class FeedForward(nn.Module):
         super().__init__()
         d, f = cfg.hidden_size, cfg.intermediate_size
         gelu = cfg.arch.activation == "gelu_tanh"
+        self.activation = "gelu_tanh" if gelu else "silu"
         if cpu_kernels:
             self.glu = kernels.geglu if gelu else kernels.swiglu
         else:
@@ -186,7 +229,11 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.fused:  # ffn_up holds [gate; up]
-            gate, up = mx.split(self.ffn_up(x), 2, axis=-1)
+            a = self.ffn_up(x)
+            y = gated_product(self.ffn_down, a, self.activation)  # the activation inside the down projection
+            if y is not None:
+                return y
+            gate, up = mx.split(a, 2, axis=-1)
         else:
             gate, up = self.ffn_gate(x), self.ffn_up(x)
         return self.ffn_down(self.glu(gate, up))
@@ -205,11 +252,20 @@ class Block(nn.Module):
             self.post_ffw_norm = nn.RMSNorm(d, eps=eps)
 
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        h, delta = self.residual(x, None, cache)
+        return h + delta
+
+    def residual(self, x: mx.array, delta: mx.array | None, cache: KVCache | None) -> tuple[mx.array, mx.array]:
+        """The block on the residual stream x + delta (the last block's feed-forward output not yet
+        added) → (its stream before its own feed-forward output, that output): each add is done with
+        the norm after it (`cuda_norm.add_norm`: one kernel on NVIDIA GPUs)."""
+        x, a = cuda_norm.add_norm(x, delta, self.attn_norm)
+        out = self.attn(a, cache)
         if "post_attention_norm" in self:  # sandwich: each sublayer's output normed before the residual
-            h = x + self.post_attention_norm(self.attn(self.attn_norm(x), cache))
-            return h + self.post_ffw_norm(self.ffn(self.ffn_norm(h)))
-        h = x + self.attn(self.attn_norm(x), cache)
-        return h + self.ffn(self.ffn_norm(h))
+            out = self.post_attention_norm(out)
+        h, b = cuda_norm.add_norm(x, out, self.ffn_norm)
+        out = self.ffn(b)
+        return h, self.post_ffw_norm(out) if "post_ffw_norm" in self else out
 
 
 class Model(nn.Module):
@@ -239,10 +295,10 @@ class Model(nn.Module):
 
     def hidden(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens: (B, T) int → final hidden states (B, T, hidden), before the output norm."""
-        h = self.embed(tokens)
+        h, delta = self.embed(tokens), None
         for i, block in enumerate(self.blk):
-            h = block(h, cache[i] if cache is not None else None)
-        return h
+            h, delta = block.residual(h, delta, cache[i] if cache is not None else None)
+        return h + delta
 
     def embed(self, tokens: mx.array) -> mx.array:
         """tokens: (B, T) int → the first block's input (B, T, hidden), in the activation dtype."""
@@ -280,6 +336,8 @@ def build_model(
     model = Model(cfg, dtype=dtype, cpu_kernels=uses_cpu_kernels(dtype))
     fill_model(model, weights, quantized=quantized, blocks=blocks)
     model.cpu_dequantized = cpu_dequantized
+    if cuda_attention.available():  # the CUDA matvec's form for Q4_0/Q5_0/Q8_0 layers
+        mark_symmetric(model)
     return model
 
 

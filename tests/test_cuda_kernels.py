@@ -171,23 +171,129 @@ def test_decoding_token_by_token_equals_the_full_pass_on_the_gpu(arch, tiny_gguf
     np.testing.assert_allclose(np.concatenate(steps), full, atol=tol * np.abs(full).max())
 
 
+def decode_case(d, hq, hkv, cap, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q = mx.array(rng.standard_normal((1, hq, 1, d)), dtype)
+    k, v = (mx.array(rng.standard_normal((1, hkv, 1, d)) * 2, dtype) for _ in range(2))
+    keys, values = (mx.array(rng.standard_normal((1, hkv, cap, d)) * 2, dtype) for _ in range(2))
+    return q, k, v, keys, values
+
+
+ROPES = {"none": None, "traditional": (True, 1.0, None), "neox": (False, 1.0, None), "partial-scaled": (False, 0.25, 32),
+         "factors": (True, 1.0, "factors")}
+
+
 @pytest.mark.parametrize("d, hq, hkv, window, dtype", [
     (128, 32, 32, 0, mx.float16), (64, 9, 3, 0, mx.float32), (128, 8, 2, 5, mx.float16), (256, 4, 2, 0, mx.float16),
     (64, 6, 6, 400, mx.float32)])
 @pytest.mark.parametrize("position", [0, 300, 767])
-def test_decode_attention_equals_mlx_attention(d, hq, hkv, window, dtype, position):
-    """The compiled step's attention over a whole buffer (positions past `position` hold garbage
-    it must not read) against MLX's attention over the positions held (the last `window`)."""
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_decode_attention_equals_mlx_attention(d, hq, hkv, window, dtype, position, rope):
+    """The compiled step's attention over a whole buffer (positions from `position` on hold garbage
+    it must not read; the new key and value come as inputs) against MLX's RoPE, cache write and
+    attention over the positions held (the last `window`)."""
     from mlx_llama import cuda_attention
+    from mlx_llama.model import RoPE, Vector
 
-    rng = np.random.default_rng(position + d)
     cap, scale = 768, d ** -0.5
-    q = mx.array(rng.standard_normal((1, hq, 1, d)), dtype)
-    keys, values = (mx.array(rng.standard_normal((1, hkv, cap, d)) * 2, dtype) for _ in range(2))
+    q, k, v, keys, values = decode_case(d, hq, hkv, cap, dtype, position + d)
+    form, qr, kr = None, q, k
+    if ROPES[rope] is not None:
+        traditional, rope_scale, dims = ROPES[rope]
+        factors = None
+        if dims == "factors":
+            factors, dims = Vector(d // 2), d
+            factors.weight = mx.array(np.linspace(1.0, 8.0, d // 2), mx.float32)
+        module = RoPE(dims or d, d, traditional, 10000.0, rope_scale, factors)
+        form = module.kernel_form()
+        qr, kr = module(q, position), module(k, position)
     first = max(0, position + 1 - window) if window else 0
-    group = hq // hkv  # MLX's attention takes the key/value heads as they are (GQA)
-    ref = mx.fast.scaled_dot_product_attention(q, keys[:, :, first : position + 1], values[:, :, first : position + 1], scale=scale)
-    got = cuda_attention.decode_attention(q, keys, values, mx.array(position, mx.int32), scale, window)
-    assert group * hkv == hq and got.shape == ref.shape and got.dtype == dtype
+    written = mx.concatenate([keys[:, :, :position], kr, keys[:, :, position + 1 :]], axis=2)
+    written_v = mx.concatenate([values[:, :, :position], v, values[:, :, position + 1 :]], axis=2)
+    ref = mx.fast.scaled_dot_product_attention(qr, written[:, :, first : position + 1], written_v[:, :, first : position + 1],
+                                               scale=scale)
+    got, k_new = cuda_attention.decode_attention(q, k, v, keys, values, mx.array(position, mx.int32), scale, heads=hq,
+                                                 window=window, rope=form)
+    assert got.shape == ref.shape and got.dtype == dtype and k_new.shape == k.shape
     tol = 2e-3 if dtype == mx.float16 else 1e-5
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)), atol=tol, rtol=tol)
+    np.testing.assert_allclose(np.array(k_new.astype(mx.float32)), np.array(kr.astype(mx.float32)), atol=tol, rtol=tol)
+
+
+def test_decode_attention_reads_the_fused_projection():
+    """q, k and v as one array (the fused q/k/v output) at offsets: the same as three arrays."""
+    from mlx_llama import cuda_attention
+    from mlx_llama.model import RoPE
+
+    d, hq, hkv, cap = 64, 8, 2, 512
+    q, k, v, keys, values = decode_case(d, hq, hkv, cap, mx.float16, 3)
+    form = RoPE(d, d, False, 10000.0, 1.0).kernel_form()
+    qkv = mx.concatenate([q.reshape(1, 1, -1), k.reshape(1, 1, -1), v.reshape(1, 1, -1)], axis=-1)
+    pos = mx.array(200, mx.int32)
+    want = cuda_attention.decode_attention(q, k, v, keys, values, pos, 0.125, heads=hq, rope=form)
+    got = cuda_attention.decode_attention(qkv, qkv, qkv, keys, values, pos, 0.125, heads=hq, rope=form,
+                                          offsets=(0, hq * d, (hq + hkv) * d))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+# -- the other fused decode kernels --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (1, 3, 576), (2, 1, 2056)])
+def test_add_rms_norm_equals_mlx_ops(dtype, shape):
+    from mlx_llama import cuda_norm
+
+    rng = np.random.default_rng(shape[-1])
+    x, delta = (mx.array(rng.standard_normal(shape) * 3, dtype) for _ in range(2))
+    w = mx.array(rng.standard_normal(shape[-1]), dtype)
+    h, y = cuda_norm.add_rms_norm(x, delta, w, 1e-5)
+    want_h = x + delta
+    want_y = mx.fast.rms_norm(want_h, w, 1e-5)
+    tol = {mx.float16: 2e-3, mx.bfloat16: 1.6e-2, mx.float32: 1e-5}[dtype]
+    assert h.dtype == y.dtype == dtype and h.shape == y.shape == x.shape
+    np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32)), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(want_y.astype(mx.float32)), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_affine_matvec_symmetric_form_is_the_same_product(bits):
+    """Biases −2^(bits−1) · scale (Q4_0/Q5_0/Q8_0): the kernel that does not read them sums the
+    same numbers."""
+    from mlx_llama import cuda_affine
+
+    rng = np.random.default_rng(bits)
+    rows, k = 96, 4096
+    wq = mx.array(rng.integers(0, 2 ** 32, (rows, k * bits // 32), dtype=np.uint32))
+    scales = mx.array(rng.uniform(0.001, 0.01, (rows, k // 32)), mx.float16)
+    biases = scales * -(2 ** (bits - 1))
+    assert cuda_affine.is_symmetric(scales, biases, bits) and not cuda_affine.is_symmetric(scales, biases + 1e-3, bits)
+    x = mx.array(rng.standard_normal((1, k)), mx.float16)
+    want = cuda_affine.matvec(x, wq, scales, biases, bits)
+    got = cuda_affine.matvec(x, wq, scales, biases, bits, symmetric=True)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["f16", "f32"])
+def test_gated_matvecs_equal_the_activation_then_the_product(activation, dtype):
+    """ffn_down(act(gate) · up) read from [gate; up] (affine and Q6_K) against MLX's activation, then
+    the plain matvec."""
+    import mlx.nn as nn
+
+    from mlx_llama import cuda_affine
+
+    k = 1024
+    a = (mx.random.normal((1, 1, 2 * k), key=mx.random.key(3)) * 2).astype(dtype)
+    gate, up = mx.split(a, 2, axis=-1)
+    glu = ((nn.silu(gate) if activation == "silu" else nn.gelu_approx(gate)) * up).astype(dtype)
+    act = cuda_affine.ACTIVATIONS[activation]
+    wq, scales, biases, _ = affine_weights(80, k, 4, seed=2)
+    fields = random_fields(quants.Q6_K, 40, k // 256, seed=1)
+    pairs = [(cuda_affine.matvec(a, wq, scales, biases, 4, act=act), cuda_affine.matvec(glu, wq, scales, biases, 4)),
+             (cuda_kernels.block_matvec(a, quants.Q6_K, fields, act=act), cuda_kernels.block_matvec(glu, quants.Q6_K, fields))]
+    tol = 5e-3 if dtype == mx.float16 else 1e-5
+    for got, want in pairs:
+        want = np.array(want.astype(mx.float32))
+        assert got.shape == want.shape
+        assert np.abs(np.array(got.astype(mx.float32)) - want).max() <= tol * np.abs(want).max()

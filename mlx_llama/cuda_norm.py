@@ -1,0 +1,100 @@
+"""A CUDA kernel for the residual add and the RMS norm that follows it (decoding on NVIDIA GPUs).
+
+Each block adds its sublayer's output to the residual stream and the next sublayer starts by
+normalising that sum: two kernels per sublayer with MLX's ops (the add, then `rms_norm`), each
+a few microseconds however small the vector. One kernel does both here, a block of THREADS
+threads per row: h = x + delta (rounded to the dtype, as MLX's add stores it), the sum of h²
+in float32, then y = w · T(h · rsqrt(mean(h²) + eps)) — MLX's `rms_norm` arithmetic — so the
+results equal the two ops' up to the rounding of the sum.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import mlx.core as mx
+
+from . import cuda_affine
+from .cuda_attention import HEADER
+
+THREADS = 256
+
+_SOURCE = """
+    constexpr int VEC = 8, WARPS = THREADS / 32;
+    __shared__ float wsum[WARPS];
+    const int64_t row = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const auto* xr = x + row * N;
+    const auto* dr = delta + row * N;
+    auto* hr = h + row * N;
+    float ss = 0.0f;
+    for (int c = tid * VEC; c < N; c += THREADS * VEC) {
+        float a[VEC], b[VEC];
+        load8(xr + c, a);
+        load8(dr + c, b);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const OutT s = static_cast<OutT>(a[j] + b[j]);
+            hr[c + j] = s;
+            const float f = static_cast<float>(s);
+            ss += f * f;
+        }
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) wsum[warp] = ss;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < WARPS; ++k) total += wsum[k];
+    const float n = rsqrtf(total / N + __int_as_float(EPS_BITS));
+    for (int c = tid * VEC; c < N; c += THREADS * VEC) {  // the thread's own h, just written
+        float a[VEC], g[VEC];
+        load8(hr + c, a);
+        load8(weight + c, g);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+            y[row * N + c + j] = static_cast<OutT>(g[j] * static_cast<float>(static_cast<OutT>(a[j] * n)));
+    }
+"""
+
+_kernel = None
+
+
+def available() -> bool:
+    from .layers import fused_kernels  # layers imports the CUDA modules
+
+    return cuda_affine.available() and fused_kernels("norm")
+
+
+def supported(x: mx.array, delta: mx.array, weight: mx.array) -> bool:
+    """Rows of a multiple of 8 values (16-byte loads), x, delta and the weight of one dtype."""
+    n = x.shape[-1]
+    return n % 8 == 0 and delta.shape == x.shape and x.dtype == delta.dtype == weight.dtype and weight.shape == (n,)
+
+
+def add_rms_norm(x: mx.array, delta: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """(h, y): h = x + delta, y = rms_norm(h, weight, eps), both in x's dtype."""
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(name="mlx_llama_add_rms_norm", input_names=["x", "delta", "weight"],
+                                      output_names=["h", "y"], source=_SOURCE, header=HEADER)
+    n = x.shape[-1]
+    rows = x.size // n
+    eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]
+    h, y = _kernel(
+        inputs=[x, delta, weight], template=[("N", n), ("THREADS", THREADS), ("EPS_BITS", eps_bits), ("OutT", x.dtype)],
+        grid=(rows * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype],
+    )
+    return h, y
+
+
+def add_norm(x: mx.array, delta: mx.array | None, norm) -> tuple[mx.array, mx.array]:
+    """(x + delta, norm(x + delta)) for an `nn.RMSNorm` `norm`: one kernel where `available`, else
+    MLX's ops (delta None: x itself)."""
+    if delta is None:
+        return x, norm(x)
+    if available() and "weight" in norm and supported(x, delta, norm.weight):
+        return add_rms_norm(x, delta, norm.weight, norm.eps)
+    h = x + delta
+    return h, norm(h)
