@@ -31,6 +31,16 @@ ncu_token() {  # kernels per decoded token and their GPU time (profile_decode.py
       python3 scripts/profile_decode.py "$Q40" --ncu --ncu-steps 2 "$@" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
   python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
 }
+fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose GPU tests failed
+  local pieces=glu,sym,norm,rope
+  grep -q "FAILED.*gated" "$1" && pieces=${pieces/glu,/}
+  grep -q "FAILED.*symmetric" "$1" && pieces=${pieces/sym,/}
+  grep -q "FAILED.*add_rms_norm" "$1" && pieces=${pieces/norm,/}
+  grep -q "FAILED.*\(decode_attention\|test_decode_step\)" "$1" && pieces=${pieces/rope/}
+  echo "export MLX_LLAMA_CUDA_FUSE=${pieces%,}"
+  grep -q "FAILED.*decode_attention_equals_mlx_attention\[none" "$1" && echo "export MLX_LLAMA_CUDA_ATTENTION=0"
+  true
+}
 wait_llama_bench() {  # up to $1 × 5 s for the background build
   for i in $(seq "$1"); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
   tail -1 /root/llama.cpp/build.log
@@ -42,14 +52,17 @@ if [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
   offline_vocab
-  step "GPU tests: decode attention kernel (the compiled step: bench_gpu --check)"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k decode_attention 2>&1 | tail -4 | tee "$OUT/attention_tests.txt"
-  grep -q failed "$OUT/attention_tests.txt" && echo "export MLX_LLAMA_CUDA_ATTENTION=0" > /root/stash/attn.env  # the masked attention then
+  step "GPU tests: the CUDA kernels (fused decode pieces too), the compiled decode step"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda_kernels.py tests/test_decode_step.py \
+      > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
+  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
   step "7B files"
   make_files 250
-  [ -f /root/stash/attn.env ] && source /root/stash/attn.env
-  step "where a decoded token's time goes (Q4_0), op by op and compiled"
+  source /root/stash/attn.env
+  step "where a decoded token's time goes (Q4_0), op by op and compiled; then compiled with the fused pieces off"
   timeout 100 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
+  MLX_LLAMA_CUDA_FUSE=none timeout 100 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile_unfused.txt"
   step "kernels per token under Nsight Compute, compiled step"
   ncu_token 90 --compiled
   tail -1 /root/llama.cpp/build.log
@@ -59,7 +72,7 @@ elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
   step "wait for llama-bench"
   wait_llama_bench 60
   step "end to end"
-  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --op-by-op --mlx-lm \
+  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --unfused --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of mlx_llama and mlx-lm on Q4_0 only
   step setup
