@@ -12,7 +12,8 @@ is the time to read the weights. MLX's own quantized matvec reads them at ~0.6 T
 * the activations' 32 values from global memory through the read-only cache, 16 bytes at a time,
   once for the block's R rows (read per row, they cost more load instructions than the weights);
 * per group Σ w·x = scale · Σ q·x + bias · Σ x in float32 (MLX's w = scale · q + bias, summed in
-  another order: rounding-level differences), then
+  another order: rounding-level differences) — or, where every bias is −2^(bits−1) · scale
+  (Q4_0, Q5_0, Q8_0: `is_symmetric`), scale · Σ (q − 2^(bits−1)) · x, the biases not read; then
   across the warp with shuffles and across the block's warps in shared memory; written once in
   the activations' dtype.
 
@@ -118,14 +119,15 @@ __device__ __forceinline__ void load_group(const uint32_t* p, uint32_t* q) {
   }
 }
 
-// Value j of a group as float: 2^23 + q has q in its mantissa, so the integer becomes a float
-// with a bit-or and a subtraction (the int-to-float instruction runs at a quarter of the rate).
-template <int BITS>
+// Value j of a group as float, less ZERO: 2^23 + q has q in its mantissa, so the integer becomes
+// a float with a bit-or and a subtraction (the int-to-float instruction runs at a quarter of the
+// rate), the subtraction taking ZERO off too (exact: small integers).
+template <int BITS, int ZERO = 0>
 __device__ __forceinline__ float group_value(const uint32_t* q, int j) {
   const int bit = j * BITS, w = bit >> 5, s = bit & 31;
   uint32_t v = q[w] >> s;
   if (s + BITS > 32) v |= q[w + 1] << (32 - s);
-  return __uint_as_float(0x4B000000u | (v & ((1u << BITS) - 1u))) - 8388608.0f;
+  return __uint_as_float(0x4B000000u | (v & ((1u << BITS) - 1u))) - (8388608.0f + ZERO);
 }
 """
 
@@ -155,8 +157,9 @@ _MATVEC = r"""
                     const int64_t row = min(row0 + r, ROWS - 1);
                     load_group<BITS>(w + (row * G + g) * BITS, q[u][r]);
                     s[u][r] = static_cast<float>(scales[row * G + g]);
-                    // SYM: the bias is −2^(BITS−1) · scale (Q4_0, Q5_0, Q8_0): not read
-                    b[u][r] = SYM ? -float(1 << (BITS - 1)) * s[u][r] : static_cast<float>(biases[row * G + g]);
+                    // SYM: the bias is −2^(BITS−1) · scale (Q4_0, Q5_0, Q8_0): not read, the
+                    // weights summed as s · Σ (q − 2^(BITS−1)) x
+                    if constexpr (!SYM) b[u][r] = static_cast<float>(biases[row * G + g]);
                 }
             }
         }
@@ -169,14 +172,18 @@ _MATVEC = r"""
                 float xv[32];
                 load_input<ACT>(x, t, K, int64_t(g) * 32, xv);
                 float xs = 0.0f;
+                if constexpr (!SYM) {
 #pragma unroll
-                for (int j = 0; j < 32; ++j) xs += xv[j];
+                    for (int j = 0; j < 32; ++j) xs += xv[j];
+                }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
+                    constexpr int ZERO = SYM ? 1 << (BITS - 1) : 0;
                     float dot = 0.0f;
 #pragma unroll
-                    for (int j = 0; j < 32; ++j) dot = fmaf(group_value<BITS>(q[u][r], j), xv[j], dot);
-                    acc[t][r] += fmaf(s[u][r], dot, b[u][r] * xs);
+                    for (int j = 0; j < 32; ++j) dot = fmaf(group_value<BITS, ZERO>(q[u][r], j), xv[j], dot);
+                    if constexpr (SYM) acc[t][r] += s[u][r] * dot;
+                    else acc[t][r] += fmaf(s[u][r], dot, b[u][r] * xs);
                 }
             }
         }

@@ -9,7 +9,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_affine, cuda_kernels
+from . import cuda_affine, cuda_kernels, cuda_mma
 from .quants import Q6_K, dequantize_blocks
 
 
@@ -24,10 +24,20 @@ def affine_product(x: mx.array, layer: nn.Module) -> mx.array:
     k = x.shape[-1]
     if cuda_affine.available() and cuda_affine.supported(layer.bits, layer.group_size, k):
         if x.size // k <= cuda_affine.MATVEC_MAX_ROWS:
-            return cuda_affine.matvec(x, w, scales, biases, layer.bits, symmetric=getattr(layer, "symmetric", False))
+            return affine_matvec(x, layer)
         w, scales, biases = mx.depends([w, scales, biases], [x])
         return x @ mx.dequantize(w, scales, biases, group_size=layer.group_size, bits=layer.bits, dtype=x.dtype).T
     return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=layer.group_size, bits=layer.bits)
+
+
+def affine_matvec(x: mx.array, layer: nn.Module, act: int = 0) -> mx.array:
+    """The CUDA matvec for an affine layer: on tensor cores where `cuda_mma` serves it, else
+    `cuda_affine`'s (act: x is [gate; up], see `cuda_affine.matvec`)."""
+    w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    symmetric = getattr(layer, "symmetric", False)
+    if cuda_mma.serves(x, layer.bits, x.shape[-1] // (2 if act else 1), act):
+        return cuda_mma.matvec(x, w, scales, biases, symmetric=symmetric, act=act)
+    return cuda_affine.matvec(x, w, scales, biases, layer.bits, symmetric=symmetric, act=act)
 
 
 def gated_product(layer: nn.Module, a: mx.array, activation: str) -> mx.array | None:
@@ -40,8 +50,7 @@ def gated_product(layer: nn.Module, a: mx.array, activation: str) -> mx.array | 
         return None
     k = a.shape[-1] // 2
     if isinstance(layer, AffineLinear) and cuda_affine.supported(layer.bits, layer.group_size, k):
-        y = cuda_affine.matvec(a, layer["weight"], layer["scales"], layer["biases"], layer.bits,
-                               symmetric=getattr(layer, "symmetric", False), act=act)
+        y = affine_matvec(a, layer, act)
     elif type(layer) is BlockLinear and layer.ggml_type == Q6_K:
         y = cuda_kernels.block_matvec(a, Q6_K, layer.fields(), act=act)
     else:

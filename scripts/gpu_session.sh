@@ -57,14 +57,22 @@ if [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token
       > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
+  step "the tensor-core 4-bit matvec against the scalar one (on where its tests pass and it is faster)"
+  if grep -q "FAILED.*mma" "$OUT/gpu_tests.txt"; then echo "export MLX_LLAMA_AFFINE_MMA=0" >> /root/stash/attn.env
+  else timeout 120 python3 scripts/check_mma.py /root/stash/mma.env 2>&1 | tee "$OUT/mma.txt"; cat /root/stash/mma.env >> /root/stash/attn.env; fi
+  cat /root/stash/attn.env
   step "7B files"
   make_files 250
   source /root/stash/attn.env
-  step "where a decoded token's time goes (Q4_0), op by op and compiled; then compiled with the fused pieces off"
+  step "where a decoded token's time goes (Q4_0), op by op and compiled"
   timeout 100 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
-  MLX_LLAMA_CUDA_FUSE=none timeout 100 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile_unfused.txt"
   step "kernels per token under Nsight Compute, compiled step"
   ncu_token 90 --compiled
+  step "the affine matvecs' limits under Nsight Compute (DRAM throughput, issue slots, occupancy)"
+  timeout 120 ncu --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,dram__bytes_read.sum \
+      -k regex:affine --launch-count 12 --csv --profile-from-start off \
+      python3 scripts/profile_decode.py "$Q40" --ncu --ncu-steps 1 --compiled > "$OUT/ncu_matvec.csv" 2> "$OUT/ncu_matvec.err"
+  grep -c affine "$OUT/ncu_matvec.csv"
   tail -1 /root/llama.cpp/build.log
 elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
   source /root/stash/env.sh

@@ -257,9 +257,10 @@ def test_add_rms_norm_equals_mlx_ops(dtype, shape):
 
 
 @pytest.mark.parametrize("bits", [4, 5, 8])
-def test_affine_matvec_symmetric_form_is_the_same_product(bits):
-    """Biases −2^(bits−1) · scale (Q4_0/Q5_0/Q8_0): the kernel that does not read them sums the
-    same numbers."""
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
+def test_affine_matvec_symmetric_form(bits, dtype):
+    """Biases −2^(bits−1) · scale (Q4_0/Q5_0/Q8_0): the kernel that does not read them sums
+    scale · Σ (q − 2^(bits−1)) · x: float32 sums of the exact weights, as the general form."""
     from mlx_llama import cuda_affine
 
     rng = np.random.default_rng(bits)
@@ -268,10 +269,14 @@ def test_affine_matvec_symmetric_form_is_the_same_product(bits):
     scales = mx.array(rng.uniform(0.001, 0.01, (rows, k // 32)), mx.float16)
     biases = scales * -(2 ** (bits - 1))
     assert cuda_affine.is_symmetric(scales, biases, bits) and not cuda_affine.is_symmetric(scales, biases + 1e-3, bits)
-    x = mx.array(rng.standard_normal((1, k)), mx.float16)
-    want = cuda_affine.matvec(x, wq, scales, biases, bits)
-    got = cuda_affine.matvec(x, wq, scales, biases, bits, symmetric=True)
-    np.testing.assert_array_equal(np.array(got), np.array(want))
+    dense = np.array(mx.dequantize(wq, scales, biases, group_size=32, bits=bits, dtype=mx.float32)).astype(np.float64)
+    x = mx.array(rng.standard_normal((1, k)), dtype)
+    want = np.array(x.astype(mx.float32)).astype(np.float64) @ dense.T
+    general = np.array(cuda_affine.matvec(x, wq, scales, biases, bits).astype(mx.float32))
+    got = np.array(cuda_affine.matvec(x, wq, scales, biases, bits, symmetric=True).astype(mx.float32))
+    tol = 2e-6 * k ** 0.5 if dtype == mx.float32 else 2 * 2.0 ** -11
+    for out in (general, got):
+        assert np.abs(out - want).max() <= tol * np.abs(want).max()
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
@@ -297,3 +302,37 @@ def test_gated_matvecs_equal_the_activation_then_the_product(activation, dtype):
         want = np.array(want.astype(mx.float32))
         assert got.shape == want.shape
         assert np.abs(np.array(got.astype(mx.float32)) - want).max() <= tol * np.abs(want).max()
+
+
+# -- the tensor-core matvec (`cuda_mma`) ----------------------------------------------------
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "affine"])
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("rows, k", [(70, 1024), (256, 4096), (16, 384)])
+def test_mma_matvec_equals_the_exact_product(symmetric, act, rows, k, monkeypatch):
+    """float16 activations: float32 sums of the exact weights (as the scalar kernel), for the
+    symmetric (Q4_0) and general forms, with and without the gated activation read in; 70 rows:
+    a partial tile of 16."""
+    import mlx.nn as nn
+
+    from mlx_llama import cuda_affine, cuda_mma
+
+    monkeypatch.setenv("MLX_LLAMA_AFFINE_MMA", "1")
+    rng = np.random.default_rng(rows + act)
+    wq = mx.array(rng.integers(0, 2 ** 32, (rows, k // 8), dtype=np.uint32))
+    scales = mx.array(rng.uniform(0.001, 0.01, (rows, k // 32)), mx.float16)
+    biases = scales * -8 if symmetric else mx.array(rng.uniform(-0.08, 0.0, (rows, k // 32)), mx.float16)
+    dense = np.array(mx.dequantize(wq, scales, biases, group_size=32, bits=4, dtype=mx.float32)).astype(np.float64)
+    a = mx.array(rng.standard_normal((1, 1, (2 if act else 1) * k)) * 2, mx.float16)
+    assert cuda_mma.serves(a, 4, k, act)
+    x = a
+    if act:
+        gate, up = mx.split(a, 2, axis=-1)
+        x = ((nn.silu(gate) if act == 1 else nn.gelu_approx(gate)) * up).astype(mx.float16)
+    want = np.array(x.astype(mx.float32)).astype(np.float64).reshape(1, -1) @ dense.T
+    got = np.array(cuda_mma.matvec(a, wq, scales, biases, symmetric=symmetric, act=act).astype(mx.float32))
+    scalar = np.array(cuda_affine.matvec(a, wq, scales, biases, 4, symmetric=symmetric, act=act).astype(mx.float32))
+    assert got.shape == (1, 1, rows)
+    tol = (4 if act else 2) * 2.0 ** -11 * np.abs(want).max()  # the output's float16 rounding (and the activation's)
+    assert np.abs(got.reshape(1, -1) - want).max() <= tol
+    assert np.abs(got - scalar).max() <= tol
