@@ -30,6 +30,7 @@ import os
 import struct
 
 import mlx.core as mx
+import numpy as np
 
 from . import cuda_affine
 
@@ -90,10 +91,17 @@ _SOURCE = """
         vn[d] = static_cast<float>(v[V_OFF + int64_t(kv) * D + d]);
     }
     __syncthreads();
-    if constexpr (ROPE > 0) {  // MLX's rope: theta = scale · position · inv_freq, rounded to the dtype
+    if constexpr (ROPE > 0) {  // MLX's rope arithmetic: theta = scale · position · inv_freq, rounded to the dtype
         const float at = __int_as_float(ROPE_SCALE_BITS) * static_cast<float>(pos);
         for (int i = tid; i < ROPE_DIMS / 2; i += THREADS) {
-            const float theta = at * inv_freq[i], c = cos(theta), s = sin(theta);
+            float inv_freq;
+            if constexpr (FREQS) {
+                inv_freq = 1.0 / freqs[i];
+            } else {
+                const float d = static_cast<float>(i) / static_cast<float>(ROPE_DIMS / 2);
+                inv_freq = exp2(-d * __int_as_float(LOG2_BASE_BITS));
+            }
+            const float theta = at * inv_freq, c = cos(theta), s = sin(theta);
             const int a = ROPE == 1 ? 2 * i : i, b = ROPE == 1 ? 2 * i + 1 : i + ROPE_DIMS / 2;
             const float q1 = qs[a], q2 = qs[b], k1 = kn[a], k2 = kn[b];
             qs[a] = static_cast<float>(static_cast<OutT>(q1 * c - q2 * s));
@@ -204,21 +212,26 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, valu
     passed as all three: the fused q/k/v projection's output); keys, values (1, Hkv, capacity, D):
     positions < `position` written, the rest not read (the caller writes the new key and value at
     `position` afterwards); attention over 0..position (the last `window` when window > 0).
-    rope: None (q and k rotated already) or (traditional, dims, scale, inv_freq (dims/2,) float32):
-    MLX's RoPE at `position` applied to q and k inside the kernel."""
+    rope: None (q and k rotated already) or `model.RoPE.kernel_form()`'s (traditional, dims, scale,
+    base, freqs (dims/2,) float32 or None): MLX's RoPE at `position` applied to q and k inside the
+    kernel, its frequencies computed as MLX's kernel computes them (2^(−i/(dims/2) · log2 base), or
+    1 / freqs)."""
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
-            name="mlx_llama_decode_attention", input_names=["q", "k", "v", "keys", "values", "position", "inv_freq"],
+            name="mlx_llama_decode_attention", input_names=["q", "k", "v", "keys", "values", "position", "freqs"],
             output_names=["out", "k_out"], source=_SOURCE, header=HEADER)
     hkv, cap, d = keys.shape[1:]
     hq = heads
-    traditional, dims, rope_scale, inv_freq = rope if rope is not None else (True, 0, 1.0, mx.zeros((1,), mx.float32))
+    traditional, dims, rope_scale, base, freqs = rope if rope is not None else (True, 0, 1.0, 2.0, None)
+    log2_base = float(np.log2(np.float32(base or 2.0)))  # as MLX's std::log2 of the float base (unused with freqs)
     out, k_out = _kernel(
-        inputs=[q, k, v, keys, values, position.reshape(1).astype(mx.int32), inv_freq],
+        inputs=[q, k, v, keys, values, position.reshape(1).astype(mx.int32),
+                freqs if freqs is not None else mx.zeros((1,), mx.float32)],
         template=[("D", d), ("CAP", cap), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
                   ("THREADS", THREADS), ("ROPE", 0 if rope is None else 1 if traditional else 2), ("ROPE_DIMS", dims),
-                  ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("Q_OFF", offsets[0]), ("K_OFF", offsets[1]),
+                  ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("FREQS", int(freqs is not None)),
+                  ("LOG2_BASE_BITS", float_bits(log2_base)), ("Q_OFF", offsets[0]), ("K_OFF", offsets[1]),
                   ("V_OFF", offsets[2]), ("OutT", keys.dtype)],
         grid=(hq * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(1, hq, 1, d), (1, hkv, 1, d)], output_dtypes=[keys.dtype, keys.dtype],

@@ -80,7 +80,7 @@ class CompiledDecoder:
     def __init__(self, model: Model):
         for m in model.modules():  # arrays a layer makes on first use must exist before the trace
             if isinstance(m, RoPE):
-                m.frequencies(), m.inverse_frequencies()
+                m.frequencies()
         owner = weakref.ref(model)
 
         def trace(token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:

@@ -68,10 +68,15 @@ def mark_symmetric(model: nn.Module) -> None:
             m.symmetric = cuda_affine.is_symmetric(m["scales"], m["biases"], m.bits)
 
 
+FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu" is opt-in
+
+
 def fused_kernels(piece: str) -> bool:
-    """Whether the fused CUDA decode piece `piece` is on: MLX_LLAMA_CUDA_FUSE lists them
-    (default all: glu, sym, norm, rope; "none" for none)."""
-    return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", "glu,sym,norm,rope").split(",")
+    """Whether the fused CUDA decode piece `piece` is on: MLX_LLAMA_CUDA_FUSE lists them (default
+    `FUSED_DEFAULT`; "none" for none): sym (symmetric layers read without biases), norm (the
+    residual add with the RMS norm), rope (RoPE and the new key/value inside the decode attention),
+    glu (the gated activation read inside the down projection's matvec)."""
+    return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
 
 
 class AffineLinear(nn.QuantizedLinear):

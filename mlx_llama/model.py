@@ -13,7 +13,6 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from . import cuda_attention, cuda_norm, kernels
 from .architectures import ModelConfig
@@ -60,7 +59,7 @@ class RoPE(nn.Module):
                  factors: Vector | None = None, attn_factor: float = 1.0):
         super().__init__()
         self.dims, self.traditional, self.base, self.scale = dims, traditional, base, scale
-        self._factors, self._freqs, self._inv_freq = factors, None, None  # private: not parameters of this module
+        self._factors, self._freqs = factors, None  # private: not parameters of this module
         self._mscale = None
         if attn_factor != 1.0:  # (head_dim,): attn_factor on the rotated dims, 1 on the rest
             self._mscale = mx.array([attn_factor] * dims + [1.0] * (head_dim - dims), mx.float32)
@@ -75,22 +74,11 @@ class RoPE(nn.Module):
         return self._freqs
 
     def kernel_form(self) -> tuple | None:
-        """(traditional, dims, scale, inverse frequencies) for a kernel that applies this RoPE as
+        """(traditional, dims, scale, base, freqs or None) for a kernel that applies this RoPE as
         MLX's does (`cuda_attention`); None where it cannot (an attn_factor)."""
-        return None if self._mscale is not None else (self.traditional, self.dims, self.scale, self.inverse_frequencies())
-
-    def inverse_frequencies(self) -> mx.array:
-        """(dims/2,) float32 as MLX's rope computes them: 1 / freqs with factors, else
-        2^(−i/(dims/2) · log2 base); made once (`decode_step` asks before it traces a step)."""
-        if self._inv_freq is None:
-            half = self.dims // 2
-            if self._factors is not None:
-                self._inv_freq = 1.0 / self.frequencies()
-            else:
-                d = np.arange(half, dtype=np.float32) / np.float32(half)
-                self._inv_freq = mx.array(np.exp2(-d * np.float32(math.log2(self.base))))
-            mx.eval(self._inv_freq)
-        return self._inv_freq
+        if self._mscale is not None:
+            return None
+        return self.traditional, self.dims, self.scale, self.base, self.frequencies()
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         if self._factors is None:

@@ -25,7 +25,7 @@ from mlx_llama import cuda_affine, cuda_mma  # noqa: E402
 
 # (rows, columns, gated input, products per token): q+k+v fused, o, gate+up fused, down, output
 SHAPES = [(12288, 4096, 0, 32), (4096, 4096, 0, 32), (22016, 4096, 0, 32), (4096, 11008, 1, 32), (32000, 4096, 0, 1)]
-TILES = [(4, 1), (4, 2), (8, 1), (8, 2), (16, 1)]
+TILES = [(4, 2), (8, 1), (8, 2)]
 
 
 def timed(fn, reps: int = 20) -> float:
