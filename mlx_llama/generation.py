@@ -8,6 +8,8 @@ pass n+1 is queued first and the mask is computed on the CPU while it runs.
 
 from __future__ import annotations
 
+import collections
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -117,18 +119,25 @@ def generate_tokens(
     if matcher is not None:
         yield from _constrained_decode(model, cache, logits, step, matcher, max_tokens)
         return
-    y, finite = step(logits)
-    mx.async_eval(y, finite)
-    forward = decoder(model, cache)
+    pending = collections.deque([step(logits)])  # (token, finite) queued, not yet handed out
+    mx.async_eval(*pending[0])
+    forward, ahead, queued = decoder(model, cache), steps_ahead(), 1
     for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_y, next_finite = step(forward(y))
-            mx.async_eval(next_y, next_finite)
+        while queued < max_tokens and len(pending) <= ahead:  # the next steps go to the device first
+            pending.append(step(forward(pending[-1][0])))
+            mx.async_eval(*pending[-1])
+            queued += 1
+        y, finite = pending.popleft()
         if not finite.item():
             raise _non_finite(n)
         yield y.item()
-        if n + 1 < max_tokens:
-            y, finite = next_y, next_finite
+
+
+def steps_ahead() -> int:
+    """Decode steps queued on the device beyond the token being handed out (MLX_LLAMA_DECODE_AHEAD,
+    default 1): more absorb pauses of the host between tokens, at the cost of that many steps
+    computed past a stop (the callers trim the cache to the tokens they know)."""
+    return max(1, int(os.environ.get("MLX_LLAMA_DECODE_AHEAD", "1") or 1))
 
 
 def _non_finite(n: int) -> NonFiniteError:

@@ -82,6 +82,25 @@ def test_generation_gives_the_same_tokens(tiny_gguf, small_steps, monkeypatch):
     assert runs["0"] == runs["1"] and len(runs["1"]) == 20
 
 
+@pytest.mark.parametrize("ahead", ["2", "4"])
+def test_steps_queued_further_ahead_give_the_same_tokens(ahead, tiny_gguf, small_steps, monkeypatch):
+    """MLX_LLAMA_DECODE_AHEAD: the same tokens; stopped early, the cache holds at most `ahead` steps
+    past the tokens handed out, none past max_tokens."""
+    model, _ = mlx_llama.load(tiny(tiny_gguf, "Q4_0", **PEAKED), dtype=mx.float16, cpu_dequantize=False)
+    want = list(generate_tokens(model, PROMPT, SamplingParams(temp=0), 20))
+    monkeypatch.setenv("MLX_LLAMA_DECODE_AHEAD", ahead)
+    cache = model.make_cache()
+    assert list(generate_tokens(model, PROMPT, SamplingParams(temp=0), 20, cache=cache)) == want
+    assert cache[0].offset == len(PROMPT) + 19  # the last token is never fed back
+    cache = model.make_cache()
+    got = []
+    for t in generate_tokens(model, PROMPT, SamplingParams(temp=0), 20, cache=cache):
+        got.append(t)
+        if len(got) == 5:
+            break
+    assert got == want[:5] and len(PROMPT) + 5 <= cache[0].offset <= len(PROMPT) + 4 + int(ahead)
+
+
 def test_when_it_is_used(tiny_gguf, monkeypatch):
     model, _ = mlx_llama.load(tiny(tiny_gguf, "Q4_0"))
     prefill(model, mx.array(PROMPT, mx.int32), cache := model.make_cache())
