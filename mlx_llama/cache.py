@@ -1,4 +1,9 @@
-"""A per-layer key/value cache, preallocated in steps and written in place."""
+"""A per-layer key/value cache, preallocated in steps and written in place.
+
+Keys and values share one buffer, (B, 2 · kv_heads, capacity, head_dim): the keys' heads, then
+the values'. The compiled decode step then writes a token's key and value with one scatter (one kernel per
+layer and token where two were); `keys`/`values` are views of the two halves.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +14,43 @@ class KVCache:
     step = 256  # tokens added per reallocation
 
     def __init__(self):
-        self.keys: mx.array | None = None  # (B, kv_heads, capacity, head_dim)
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None  # (B, 2 · kv_heads, capacity, head_dim)
         self.offset = 0  # tokens held
+
+    @property
+    def keys(self) -> mx.array | None:
+        """(B, kv_heads, capacity, head_dim), a view."""
+        return None if self.kv is None else self.kv[:, : self.kv.shape[1] // 2]
+
+    @property
+    def values(self) -> mx.array | None:
+        return None if self.kv is None else self.kv[:, self.kv.shape[1] // 2 :]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, kv_heads, T, head_dim) keys/values; return everything held so far."""
         start, T = self.offset, keys.shape[2]
-        if self.keys is None:
+        if self.kv is None:
             B, H, _, D = keys.shape
-            self.keys = mx.zeros((B, H, 0, D), keys.dtype)
-            self.values = mx.zeros((B, H, 0, D), values.dtype)
+            self.kv = mx.zeros((B, 2 * H, 0, D), keys.dtype)
         self.reserve(T)
         self.offset += T
-        self.keys[..., start : self.offset, :] = keys
-        self.values[..., start : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        H = self.kv.shape[1] // 2
+        self.kv[:, :H, start : self.offset, :] = keys  # two writes: no copy to join them first
+        self.kv[:, H:, start : self.offset, :] = values
+        return self.kv[:, :H, : self.offset], self.kv[:, H:, : self.offset]
 
     def reserve(self, T: int) -> None:
-        """Room for T more tokens (the buffers exist: after the first update)."""
+        """Room for T more tokens (the buffer exists: after the first update)."""
         start = self.offset
-        if start + T > self.keys.shape[2]:
-            B, H, _, D = self.keys.shape
+        if start + T > self.kv.shape[2]:
+            B, H2, _, D = self.kv.shape
             grow = -(-(start + T) // self.step) * self.step - start  # capacity: a multiple of the step
-            self.keys = mx.concatenate([self.keys[..., :start, :], mx.zeros((B, H, grow, D), self.keys.dtype)], axis=2)
-            self.values = mx.concatenate([self.values[..., :start, :], mx.zeros((B, H, grow, D), self.values.dtype)], axis=2)
+            self.kv = mx.concatenate([self.kv[..., :start, :], mx.zeros((B, H2, grow, D), self.kv.dtype)], axis=2)
 
     def trim(self, n: int) -> None:
         """Forget the last `n` tokens (the next write overwrites them)."""
         self.offset = max(0, self.offset - n)
 
     @property
-    def state(self):
-        return self.keys, self.values
+    def state(self) -> tuple[mx.array]:
+        return (self.kv,)

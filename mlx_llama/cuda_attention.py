@@ -6,9 +6,10 @@ take no mask array, so it runs as matmul, mask, softmax, matmul (~24 µs per lay
 640 positions). This kernel reads the position from the device and touches only the keys and
 values written so far (or the sliding window's). It also takes the new token's query, key and
 value as the projection made them: RoPE (MLX's arithmetic) is applied to q and k inside it, the
-new key and value are used from shared memory, and the rotated key is an output, which the
-step then writes into the cache with the value (two kernels per layer fewer than MLX's RoPE of
-q and of k; `MLX_LLAMA_CUDA_FUSE` without "rope" leaves RoPE to MLX):
+new key and value are used from shared memory, and they are an output as the cache holds them
+(`KVCache.kv`: keys, then values), which the step then writes into the cache with one scatter
+(three kernels per layer fewer than MLX's RoPE of q and of k and two writes;
+`MLX_LLAMA_CUDA_FUSE` without "rope" leaves RoPE to MLX):
 
 * one block of THREADS threads per query head (a key/value head serves its group of query
   heads: GQA);
@@ -73,8 +74,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 _SOURCE = """
     // q, k, v: the new token's (its query heads at Q_OFF, its key/value heads at K_OFF, V_OFF),
     // before RoPE when ROPE > 0 (1: adjacent pairs, 2: NEOX halves of the first ROPE_DIMS);
-    // keys, values: the cache buffers, positions < position written; out: attention;
-    // k_out: the new key as the cache stores it (rotated; written by one block per key head)
+    // cache: the layer's buffer (HKV key heads, then HKV value heads, CAP positions each),
+    // positions < position written; out: attention; kv_new: the new key (rotated) and value as
+    // the cache stores them (written by one block per key/value head)
     constexpr int WARPS = THREADS / 32, VEC = 8, LANES = D / VEC, G = THREADS / LANES;
     __shared__ float score[CAP];
     __shared__ float part[G * D];
@@ -113,11 +115,14 @@ _SOURCE = """
     }
     const float scale = __int_as_float(SCALE_BITS);
     for (int d = tid; d < D; d += THREADS) {
-        if (head % GROUP == 0) k_out[int64_t(kv) * D + d] = static_cast<OutT>(kn[d]);
+        if (head % GROUP == 0) {
+            kv_new[int64_t(kv) * D + d] = static_cast<OutT>(kn[d]);
+            kv_new[int64_t(HKV + kv) * D + d] = static_cast<OutT>(vn[d]);
+        }
         qs[d] *= scale;
     }
     __syncthreads();
-    const int64_t base = (int64_t(kv) * CAP + first) * D;
+    const int64_t base = (int64_t(kv) * CAP + first) * D, vbase = (int64_t(HKV + kv) * CAP + first) * D;
     // scores: a thread per position; the new token's key from shared memory
     float local_max = __int_as_float(0xff800000);  // -inf
     for (int i = tid; i < count; i += THREADS) {
@@ -125,7 +130,7 @@ _SOURCE = """
         if (first + i == pos) {
             for (int c = 0; c < D; ++c) s += qs[c] * kn[c];
         } else {
-            const auto* row = keys + base + int64_t(i) * D;
+            const auto* row = cache + base + int64_t(i) * D;
 #pragma unroll 4
             for (int c = 0; c < D; c += VEC) {  // 4 loads in flight: registers for THREADS threads
                 float kv8[VEC];
@@ -168,7 +173,7 @@ _SOURCE = """
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) v8[j] = vn[c + j];
             } else {
-                load8(values + base + int64_t(i) * D + c, v8);
+                load8(cache + vbase + int64_t(i) * D + c, v8);
             }
 #pragma unroll
             for (int j = 0; j < VEC; ++j) acc[j] += w * v8[j];
@@ -202,16 +207,17 @@ def float_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
-def decode_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: mx.array, position: mx.array,
-                     scale: float, *, heads: int, window: int = 0, rope=None, offsets: tuple[int, int, int] = (0, 0, 0),
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, position: mx.array, scale: float, *,
+                     heads: int, window: int = 0, rope=None, offsets: tuple[int, int, int] = (0, 0, 0),
                      ) -> tuple[mx.array, mx.array]:
-    """The new token's attention over the cache buffers → (out (1, heads, 1, D), its key as the cache
-    stores it (1, Hkv, 1, D)), in the cache's dtype.
+    """The new token's attention over a layer's cache buffer → (out (1, heads, 1, D), its key and
+    value as the cache holds them (1, 2 · Hkv, 1, D)), in the cache's dtype.
 
-    q, k, v: the new token's `heads` query heads and Hkv key and value heads, flat from `offsets` on (one array may be
-    passed as all three: the fused q/k/v projection's output); keys, values (1, Hkv, capacity, D):
-    positions < `position` written, the rest not read (the caller writes the new key and value at
-    `position` afterwards); attention over 0..position (the last `window` when window > 0).
+    q, k, v: the new token's `heads` query heads and Hkv key and value heads, flat from `offsets` on
+    (one array may be passed as all three: the fused q/k/v projection's output); cache (1, 2 · Hkv,
+    capacity, D): keys then values (`KVCache.kv`), positions < `position` written, the rest not
+    read (the caller writes the new key and value at `position` afterwards); attention over
+    0..position (the last `window` when window > 0).
     rope: None (q and k rotated already) or `model.RoPE.kernel_form()`'s (traditional, dims, scale,
     base, freqs (dims/2,) float32 or None): MLX's RoPE at `position` applied to q and k inside the
     kernel, its frequencies computed as MLX's kernel computes them (2^(−i/(dims/2) · log2 base), or
@@ -219,21 +225,21 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, valu
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
-            name="mlx_llama_decode_attention", input_names=["q", "k", "v", "keys", "values", "position", "freqs"],
-            output_names=["out", "k_out"], source=_SOURCE, header=HEADER)
-    hkv, cap, d = keys.shape[1:]
+            name="mlx_llama_decode_attention", input_names=["q", "k", "v", "cache", "position", "freqs"],
+            output_names=["out", "kv_new"], source=_SOURCE, header=HEADER)
+    hkv, cap, d = cache.shape[1] // 2, cache.shape[2], cache.shape[3]
     hq = heads
     traditional, dims, rope_scale, base, freqs = rope if rope is not None else (True, 0, 1.0, 2.0, None)
     log2_base = float(np.log2(np.float32(base or 2.0)))  # as MLX's std::log2 of the float base (unused with freqs)
-    out, k_out = _kernel(
-        inputs=[q, k, v, keys, values, position.reshape(1).astype(mx.int32),
+    out, kv_new = _kernel(
+        inputs=[q, k, v, cache, position.reshape(1).astype(mx.int32),
                 freqs if freqs is not None else mx.zeros((1,), mx.float32)],
-        template=[("D", d), ("CAP", cap), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
+        template=[("D", d), ("CAP", cap), ("HKV", hkv), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
                   ("THREADS", THREADS), ("ROPE", 0 if rope is None else 1 if traditional else 2), ("ROPE_DIMS", dims),
                   ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("FREQS", int(freqs is not None)),
                   ("LOG2_BASE_BITS", float_bits(log2_base)), ("Q_OFF", offsets[0]), ("K_OFF", offsets[1]),
-                  ("V_OFF", offsets[2]), ("OutT", keys.dtype)],
+                  ("V_OFF", offsets[2]), ("OutT", cache.dtype)],
         grid=(hq * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(1, hq, 1, d), (1, hkv, 1, d)], output_dtypes=[keys.dtype, keys.dtype],
+        output_shapes=[(1, hq, 1, d), (1, 2 * hkv, 1, d)], output_dtypes=[cache.dtype, cache.dtype],
     )
-    return out, k_out
+    return out, kv_new

@@ -40,31 +40,32 @@ def compiles(model) -> bool:
 def enabled(model, cache) -> bool:
     """Whether the next decode step with `cache` runs compiled: `compiles(model)`, one sequence's
     caches, their buffers made (by the prompt)."""
-    return compiles(model) and all(type(c) is KVCache and c.keys is not None for c in cache)
+    return compiles(model) and all(type(c) is KVCache and c.kv is not None for c in cache)
 
 
 class Slot:
-    """A layer's cache inside the traced step: `KVCache`'s interface, at a position held in an
-    array (`offset`), with the mask attention needs over the whole buffer (`masks`: one per
-    window size, shared by the layers)."""
+    """A layer's cache inside the traced step: `KVCache`'s interface over its buffer `kv` (keys,
+    then values), at a position held in an array (`offset`), with the mask attention needs over
+    the whole buffer (`masks`: one per window size, shared by the layers)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, masks: dict):
-        self.keys, self.values, self.offset, self.masks = keys, values, position, masks
+    def __init__(self, kv: mx.array, position: mx.array, masks: dict):
+        self.kv, self.offset, self.masks = kv, position, masks
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.write(keys, values)
-        return self.keys, self.values
+        self.write(mx.concatenate([keys, values.astype(keys.dtype)], axis=1))
+        H = self.kv.shape[1] // 2
+        return self.kv[:, :H], self.kv[:, H:]
 
-    def write(self, keys: mx.array, values: mx.array) -> None:
-        """The new token's key and value (1, kv_heads, 1, head_dim) into the buffers at the position."""
-        where = mx.broadcast_to(self.offset.reshape(1, 1, 1, 1), keys.shape)
-        self.keys = mx.put_along_axis(self.keys, where, keys.astype(self.keys.dtype), axis=2)
-        self.values = mx.put_along_axis(self.values, where, values.astype(self.values.dtype), axis=2)
+    def write(self, kv: mx.array) -> None:
+        """The new token's key and value heads (1, 2 · kv_heads, 1, head_dim) into the buffer at the
+        position: one scatter."""
+        where = mx.broadcast_to(self.offset.reshape(1, 1, 1, 1), kv.shape)
+        self.kv = mx.put_along_axis(self.kv, where, kv.astype(self.kv.dtype), axis=2)
 
     def attention_mask(self, window: int) -> mx.array:
         """(capacity,) bool: the positions the new token attends to."""
         if window not in self.masks:
-            held = mx.arange(self.keys.shape[2])
+            held = mx.arange(self.kv.shape[2])
             visible = held <= self.offset
             self.masks[window] = visible & (held > self.offset - window) if window else visible
         return self.masks[window]
@@ -85,9 +86,9 @@ class CompiledDecoder:
 
         def trace(token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:
             masks: dict = {}
-            slots = [Slot(state[i], state[i + 1], position, masks) for i in range(0, len(state), 2)]
+            slots = [Slot(kv, position, masks) for kv in state]
             logits = owner()(token, slots)[:, -1, :]
-            return (logits, *[a for s in slots for a in (s.keys, s.values)])
+            return (logits, *[s.kv for s in slots])
 
         self.step = mx.compile(trace)
 
@@ -95,9 +96,9 @@ class CompiledDecoder:
         """y: the last token (1,) int32 → the next logits (1, vocab); the cache advances by one."""
         for c in cache:
             c.reserve(1)
-        out = self.step(y[None], mx.array(cache[0].offset, mx.int32), *[a for c in cache for a in c.state])
-        for i, c in enumerate(cache):  # the only references to the new buffers: the next step updates them in place
-            c.keys, c.values = out[1 + 2 * i], out[2 + 2 * i]
+        out = self.step(y[None], mx.array(cache[0].offset, mx.int32), *[c.kv for c in cache])
+        for c, kv in zip(cache, out[1:]):  # the only references to the new buffers: the next step updates them in place
+            c.kv = kv
             c.offset += 1
         return out[0]
 

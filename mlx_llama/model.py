@@ -136,7 +136,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache | list[KVCache | None] | None) -> mx.array:
         B, T, _ = x.shape
-        if T == 1 and hasattr(cache, "attention_mask") and cuda_attention.serves(B, self.head_dim, cache.keys.shape[2]):
+        if T == 1 and hasattr(cache, "attention_mask") and cuda_attention.serves(B, self.head_dim, cache.kv.shape[2]):
             return self.attn_output(self.kernel_attention(x, cache).reshape(B, 1, -1))
         q, k, v = self.projections(x)
         q, k, v = heads(q, self.n_heads, B, T), heads(k, self.n_kv_heads, B, T), heads(v, self.n_kv_heads, B, T)
@@ -168,25 +168,24 @@ class Attention(nn.Module):
 
     def kernel_attention(self, x: mx.array, slot) -> mx.array:
         """One token's attention in a compiled step by `cuda_attention`'s kernel, RoPE in it where
-        `kernel_form` allows (the fused q/k/v output then goes in as it is); the new key and value
-        written into the slot's buffers after → (1, heads, 1, head_dim)."""
+        `kernel_form` allows (the fused q/k/v output then goes in as it is); the kernel also returns
+        the new key and value as the cache holds them, written into the slot's buffer after →
+        (1, heads, 1, head_dim)."""
         rope = self.rope.kernel_form() if fused_kernels("rope") else None
         if rope is not None and "attn_qkv" in self and "attn_q_norm" not in self:
-            qkv = self.attn_qkv(x)
-            q = k = v = qkv
+            q = k = v = self.attn_qkv(x)
             offsets = (0, self.q_dim, self.q_dim + self.kv_dim)
-            v_new = qkv[..., self.q_dim + self.kv_dim :]
         else:
-            q, k, v_new = self.projections(x)
+            q, k, v = self.projections(x)
             q, k = heads(q, self.n_heads, 1, 1), heads(k, self.n_kv_heads, 1, 1)
             if "attn_q_norm" in self:
                 q, k = self.attn_q_norm(q), self.attn_k_norm(k)
             if rope is None:
                 q, k = self.rope(q, slot.offset), self.rope(k, slot.offset)
-            v, offsets = v_new, (0, 0, 0)
-        out, k_new = cuda_attention.decode_attention(q, k, v, slot.keys, slot.values, slot.offset, self.scale,
-                                                     heads=self.n_heads, window=self.window, rope=rope, offsets=offsets)
-        slot.write(k_new, heads(v_new, self.n_kv_heads, 1, 1))
+            offsets = (0, 0, 0)
+        out, kv_new = cuda_attention.decode_attention(q, k, v, slot.kv, slot.offset, self.scale, heads=self.n_heads,
+                                                      window=self.window, rope=rope, offsets=offsets)
+        slot.write(kv_new)
         return out
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:

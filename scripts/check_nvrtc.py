@@ -286,7 +286,7 @@ def _attention(mod, dt, d, hq, hkv, window, rope=None, cap=768):
     q, new, cache = mx.zeros((1, hq, 1, d), dt), mx.zeros((1, hkv, 1, d), dt), mx.zeros((1, hkv, cap, d), dt)
     if rope is not None:  # model.RoPE.kernel_form(): (traditional, dims, scale, base, freqs or None)
         rope = (rope, d, 1.0, 10000.0, mx.ones((d // 2,), mx.float32) if rope else None)
-    return mod.decode_attention(q, new, new, cache, cache, mx.array(300, mx.int32), d ** -0.5, heads=hq,
+    return mod.decode_attention(q, new, new, mx.concatenate([cache, cache], axis=1), mx.array(300, mx.int32), d ** -0.5, heads=hq,
                                 window=window, rope=rope)
 
 

@@ -215,12 +215,14 @@ def test_decode_attention_equals_mlx_attention(rope, d, hq, hkv, window, dtype, 
     written_v = mx.concatenate([values[:, :, :position], v, values[:, :, position + 1 :]], axis=2)
     ref = mx.fast.scaled_dot_product_attention(qr, written[:, :, first : position + 1], written_v[:, :, first : position + 1],
                                                scale=scale)
-    got, k_new = cuda_attention.decode_attention(q, k, v, keys, values, mx.array(position, mx.int32), scale, heads=hq,
-                                                 window=window, rope=form)
-    assert got.shape == ref.shape and got.dtype == dtype and k_new.shape == k.shape
+    cache = mx.concatenate([keys, values], axis=1)  # KVCache.kv: the keys' heads, then the values'
+    got, kv_new = cuda_attention.decode_attention(q, k, v, cache, mx.array(position, mx.int32), scale, heads=hq,
+                                                  window=window, rope=form)
+    assert got.shape == ref.shape and got.dtype == dtype and kv_new.shape == (1, 2 * hkv, 1, d)
     tol = 2e-3 if dtype == mx.float16 else 1e-5
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)), atol=tol, rtol=tol)
-    np.testing.assert_allclose(np.array(k_new.astype(mx.float32)), np.array(kr.astype(mx.float32)), atol=tol, rtol=tol)
+    np.testing.assert_allclose(np.array(kv_new[:, :hkv].astype(mx.float32)), np.array(kr.astype(mx.float32)), atol=tol, rtol=tol)
+    np.testing.assert_array_equal(np.array(kv_new[:, hkv:]), np.array(v))
 
 
 def test_decode_attention_reads_the_fused_projection():
@@ -232,9 +234,9 @@ def test_decode_attention_reads_the_fused_projection():
     q, k, v, keys, values = decode_case(d, hq, hkv, cap, mx.float16, 3)
     form = RoPE(d, d, False, 10000.0, 1.0).kernel_form()
     qkv = mx.concatenate([q.reshape(1, 1, -1), k.reshape(1, 1, -1), v.reshape(1, 1, -1)], axis=-1)
-    pos = mx.array(200, mx.int32)
-    want = cuda_attention.decode_attention(q, k, v, keys, values, pos, 0.125, heads=hq, rope=form)
-    got = cuda_attention.decode_attention(qkv, qkv, qkv, keys, values, pos, 0.125, heads=hq, rope=form,
+    pos, cache = mx.array(200, mx.int32), mx.concatenate([keys, values], axis=1)
+    want = cuda_attention.decode_attention(q, k, v, cache, pos, 0.125, heads=hq, rope=form)
+    got = cuda_attention.decode_attention(qkv, qkv, qkv, cache, pos, 0.125, heads=hq, rope=form,
                                           offsets=(0, hq * d, (hq + hkv) * d))
     for a, b in zip(got, want):
         np.testing.assert_array_equal(np.array(a), np.array(b))
