@@ -37,6 +37,17 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
+FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu" is opt-in
+
+
+def fused_kernels(piece: str) -> bool:
+    """Whether the fused CUDA decode piece `piece` is on: MLX_LLAMA_CUDA_FUSE lists them (default
+    `FUSED_DEFAULT`; "none" for none): sym (symmetric layers read without biases), norm (the
+    residual add with the RMS norm), rope (RoPE and the new key/value inside the decode attention),
+    glu (the gated activation read inside the down projection's matvec)."""
+    return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
+
+
 # warps per block, rows of W per block, groups each thread loads before using them
 WARPS, ROWS_PER_BLOCK, UNROLL = tile_from_env("MLX_LLAMA_AFFINE_TILE", (1, 2, 2))
 

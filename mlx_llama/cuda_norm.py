@@ -61,9 +61,7 @@ _kernel = None
 
 
 def available() -> bool:
-    from .layers import fused_kernels  # layers imports the CUDA modules
-
-    return cuda_affine.available() and fused_kernels("norm")
+    return cuda_affine.available() and cuda_affine.fused_kernels("norm")
 
 
 def supported(x: mx.array, delta: mx.array, weight: mx.array) -> bool:

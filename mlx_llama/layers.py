@@ -4,12 +4,11 @@ and Q2_K/Q6_K blocks dequantized when used. A layer's weight carries a bias when
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import cuda_affine, cuda_kernels, cuda_mma
+from .cuda_affine import fused_kernels
 from .quants import Q6_K, dequantize_blocks
 
 
@@ -66,17 +65,6 @@ def mark_symmetric(model: nn.Module) -> None:
     for _, m in model.named_modules():
         if isinstance(m, (AffineLinear, QuantizedEmbedding)):
             m.symmetric = cuda_affine.is_symmetric(m["scales"], m["biases"], m.bits)
-
-
-FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu" is opt-in
-
-
-def fused_kernels(piece: str) -> bool:
-    """Whether the fused CUDA decode piece `piece` is on: MLX_LLAMA_CUDA_FUSE lists them (default
-    `FUSED_DEFAULT`; "none" for none): sym (symmetric layers read without biases), norm (the
-    residual add with the RMS norm), rope (RoPE and the new key/value inside the decode attention),
-    glu (the gated activation read inside the down projection's matvec)."""
-    return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
 
 
 class AffineLinear(nn.QuantizedLinear):
