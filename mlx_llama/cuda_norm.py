@@ -2,10 +2,11 @@
 
 Each block adds its sublayer's output to the residual stream and the next sublayer starts by
 normalising that sum: two kernels per sublayer with MLX's ops (the add, then `rms_norm`), each
-a few microseconds however small the vector. One kernel does both here, a block of THREADS
-threads per row: h = x + delta (rounded to the dtype, as MLX's add stores it), the sum of h²
-in float32, then y = w · T(h · rsqrt(mean(h²) + eps)) — MLX's `rms_norm` arithmetic — so the
-results equal the two ops' up to the rounding of the sum.
+a few microseconds however small the vector. One kernel does both here, a block per row (up to
+MAX_THREADS threads, 8 values each, kept in registers between the two passes): h = x + delta
+(rounded to the dtype, as MLX's add stores it), the sum of h² in float32, then
+y = w · T(h · rsqrt(mean(h²) + eps)) — MLX's `rms_norm` arithmetic — so the results equal the two
+ops' up to the rounding of the sum.
 """
 
 from __future__ import annotations
@@ -17,27 +18,30 @@ import mlx.core as mx
 from . import cuda_affine
 from .cuda_attention import HEADER
 
-THREADS = 256
-
+MAX_THREADS = 512  # threads per row: one group of 8 values each up to 4096 values
 _SOURCE = """
-    constexpr int VEC = 8, WARPS = THREADS / 32;
+    // each thread keeps its PER groups of 8 sums (and weights) in registers between the passes
+    constexpr int VEC = 8, WARPS = THREADS / 32, PER = (N + THREADS * VEC - 1) / (THREADS * VEC);
     __shared__ float wsum[WARPS];
     const int64_t row = blockIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const auto* xr = x + row * N;
-    const auto* dr = delta + row * N;
-    auto* hr = h + row * N;
+    float hv[PER][VEC], wv[PER][VEC];
     float ss = 0.0f;
-    for (int c = tid * VEC; c < N; c += THREADS * VEC) {
-        float a[VEC], b[VEC];
-        load8(xr + c, a);
-        load8(dr + c, b);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const OutT s = static_cast<OutT>(a[j] + b[j]);
-            hr[c + j] = s;
-            const float f = static_cast<float>(s);
-            ss += f * f;
+    for (int p = 0; p < PER; ++p) {
+        const int c = (p * THREADS + tid) * VEC;
+        if (c < N) {
+            float a[VEC], b[VEC];
+            load8(x + row * N + c, a);
+            load8(delta + row * N + c, b);
+            load8(weight + c, wv[p]);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const OutT sum = static_cast<OutT>(a[j] + b[j]);
+                h[row * N + c + j] = sum;
+                hv[p][j] = static_cast<float>(sum);
+                ss += hv[p][j] * hv[p][j];
+            }
         }
     }
     ss = warp_sum(ss);
@@ -47,13 +51,14 @@ _SOURCE = """
 #pragma unroll
     for (int k = 0; k < WARPS; ++k) total += wsum[k];
     const float n = rsqrtf(total / N + __int_as_float(EPS_BITS));
-    for (int c = tid * VEC; c < N; c += THREADS * VEC) {  // the thread's own h, just written
-        float a[VEC], g[VEC];
-        load8(hr + c, a);
-        load8(weight + c, g);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j)
-            y[row * N + c + j] = static_cast<OutT>(g[j] * static_cast<float>(static_cast<OutT>(a[j] * n)));
+    for (int p = 0; p < PER; ++p) {
+        const int c = (p * THREADS + tid) * VEC;
+        if (c < N) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j)
+                y[row * N + c + j] = static_cast<OutT>(wv[p][j] * static_cast<float>(static_cast<OutT>(hv[p][j] * n)));
+        }
     }
 """
 
@@ -78,10 +83,11 @@ def add_rms_norm(x: mx.array, delta: mx.array, weight: mx.array, eps: float) -> 
                                       output_names=["h", "y"], source=_SOURCE, header=HEADER)
     n = x.shape[-1]
     rows = x.size // n
+    threads = min(MAX_THREADS, -(-n // 256) * 32)  # a multiple of 32, 8 values each
     eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]
     h, y = _kernel(
-        inputs=[x, delta, weight], template=[("N", n), ("THREADS", THREADS), ("EPS_BITS", eps_bits), ("OutT", x.dtype)],
-        grid=(rows * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        inputs=[x, delta, weight], template=[("N", n), ("THREADS", threads), ("EPS_BITS", eps_bits), ("OutT", x.dtype)],
+        grid=(rows * threads, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype],
     )
     return h, y
