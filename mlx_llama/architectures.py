@@ -93,6 +93,7 @@ class ModelConfig:
     final_logit_softcap: float = 0.0  # logits = cap · tanh(logits / cap) (0: none)
     fused_qkv: bool = False  # attn_qkv instead of attn_q, attn_k, attn_v
     fused_gate_up: bool = False  # ffn_up holds [gate; up] (Phi-3's files; fused at load on NVIDIA GPUs)
+    gate_up_interleaved: bool = False  # that fused ffn_up's rows alternate gate, up (fused at load for `cuda_affine`'s epilogue)
     biases: tuple[str, ...] = ()  # the linear layers that carry a bias (GGUF names, "output" included)
     tied_embeddings: bool = True  # no output.weight: the embedding table projects onto the vocabulary
 

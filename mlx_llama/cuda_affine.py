@@ -37,14 +37,15 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
-FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu" is opt-in
+FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu" and "act" are opt-in
 
 
 def fused_kernels(piece: str) -> bool:
     """Whether the fused CUDA decode piece `piece` is on: MLX_LLAMA_CUDA_FUSE lists them (default
     `FUSED_DEFAULT`; "none" for none): sym (symmetric layers read without biases), norm (the
     residual add with the RMS norm), rope (RoPE and the new key/value inside the decode attention),
-    glu (the gated activation read inside the down projection's matvec)."""
+    glu (the gated activation read inside the down projection's matvec), act (gate and up rows
+    interleaved at load, the gated activation computed as their matvec writes)."""
     return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
 
 
@@ -210,12 +211,28 @@ _MATVEC = r"""
             if (lane == 0) partial[t][r][wid] = v;
         }
     __syncthreads();
-    for (int i = tid; i < NT * R; i += THREADS) {
-        const int t = i / R, r = i % R;
-        float v = 0.0f;
+    if constexpr (EPI == 0) {
+        for (int i = tid; i < NT * R; i += THREADS) {
+            const int t = i / R, r = i % R;
+            float v = 0.0f;
 #pragma unroll
-        for (int k = 0; k < WARPS; ++k) v += partial[t][r][k];
-        if (row0 + r < ROWS) out[int64_t(t) * ROWS + row0 + r] = static_cast<OutT>(v);
+            for (int k = 0; k < WARPS; ++k) v += partial[t][r][k];
+            if (row0 + r < ROWS) out[int64_t(t) * ROWS + row0 + r] = static_cast<OutT>(v);
+        }
+    } else {  // rows 2j, 2j + 1 are gate_j, up_j (interleaved at load): out j = act(gate_j) · up_j
+        for (int i = tid; i < NT * (R / 2); i += THREADS) {
+            const int t = i / (R / 2), j = i % (R / 2), pair = row0 / 2 + j;
+            float gs = 0.0f, us = 0.0f;
+#pragma unroll
+            for (int k = 0; k < WARPS; ++k) {
+                gs += partial[t][2 * j][k];
+                us += partial[t][2 * j + 1][k];
+            }
+            if (2 * pair + 1 < ROWS) {  // gate and up rounded as the unfused products store them
+                const float gf = static_cast<float>(static_cast<OutT>(gs)), uf = static_cast<float>(static_cast<OutT>(us));
+                out[int64_t(t) * (ROWS / 2) + pair] = static_cast<OutT>(activate<EPI>(gf) * uf);
+            }
+        }
     }
 """
 
@@ -233,12 +250,14 @@ def supported(bits: int, group_size: int, k: int) -> bool:
 
 
 def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, *, symmetric: bool = False,
-           act: int = 0) -> mx.array:
+           act: int = 0, epilogue: int = 0) -> mx.array:
     """x (..., K) with at most `MATVEC_MAX_ROWS` rows → x @ W.T (..., rows) in x's dtype.
 
     symmetric: every bias is −2^(bits−1) · its scale (`is_symmetric`): the biases are not read.
     act: x is [gate; up] (..., 2K) and the product is of act(gate) · up (1: SiLU, 2: GELU-tanh),
-    computed as the activations are read (`ACTIVATIONS`)."""
+    computed as the activations are read (`ACTIVATIONS`). epilogue: W's rows are gate and up rows
+    interleaved (`fusion`), and the result is act(gate) · up (..., rows / 2), computed as the
+    products are written."""
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(name="mlx_llama_affine_matvec", input_names=["x", "w", "scales", "biases"],
@@ -248,13 +267,16 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     lead = x.shape[:-1]
     nt = x.size // x.shape[-1]
     r = max(1, ROWS_PER_BLOCK // nt)  # a batch's rows share the registers (no spills past ~4 × 4)
+    if epilogue:
+        r = max(2, r - r % 2)  # gate and up rows in the same block
+    n_out = rows // 2 if epilogue else rows
     return _kernel(
         inputs=[x.reshape(nt, x.shape[-1]), w, scales, biases],
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
-                  ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("OutT", x.dtype)],
+                  ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("OutT", x.dtype)],
         grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
-    )[0].reshape(*lead, rows)
+        output_shapes=[(nt, n_out)], output_dtypes=[x.dtype],
+    )[0].reshape(*lead, n_out)
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gated activations the matvecs compute as they read

@@ -20,8 +20,12 @@ GROUPS = {"attn": (("attn_q", "attn_k", "attn_v"), "attn_qkv", "fused_qkv"),
           "ffn": (("ffn_gate", "ffn_up"), "ffn_up", "fused_gate_up")}
 
 
-def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict) -> tuple[ModelConfig, list]:
-    """(cfg, weights) with every fusable group fused; `quantized` and `blocks` are updated in place."""
+def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interleave: bool = False,
+         ) -> tuple[ModelConfig, list]:
+    """(cfg, weights) with every fusable group fused; `quantized` and `blocks` are updated in place.
+    interleave: gate and up rows alternate in the fused ffn_up (gate_0, up_0, gate_1, …), so that one
+    block of `cuda_affine`'s matvec computes a gate row and its up row and can write
+    act(gate) · up itself (`cuda_affine.matvec(epilogue=…)`)."""
     arrays = dict(weights)
     for group, (parts, fused, flag) in GROUPS.items():
         if getattr(cfg, flag):
@@ -32,7 +36,8 @@ def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict) -> tupl
         for i, layer in enumerate(paths):
             target = f"blk.{i}.{group}.{fused}"
             names = sorted({k[len(layer[0]) + 1:] for k in arrays if k.startswith(layer[0] + ".")})
-            stacked = {f"{target}.{n}": mx.concatenate([arrays.pop(f"{p}.{n}") for p in layer]) for n in names}
+            alternate = interleave and group == "ffn"
+            stacked = {f"{target}.{n}": _stack([arrays.pop(f"{p}.{n}") for p in layer], alternate) for n in names}
             mx.eval(list(stacked.values()))
             arrays.update(stacked)
             form = quantized.pop(layer[0], None) or blocks.pop(layer[0], None)
@@ -44,7 +49,16 @@ def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict) -> tupl
                 blocks[target] = form
         biases = tuple(b for b in cfg.biases if b not in parts) + ((fused,) if parts[0] in cfg.biases else ())
         cfg = dataclasses.replace(cfg, biases=biases, **{flag: True})
+        if group == "ffn" and interleave:
+            cfg = dataclasses.replace(cfg, gate_up_interleaved=True)
     return cfg, list(arrays.items())
+
+
+def _stack(parts: list[mx.array], alternate: bool) -> mx.array:
+    """The parts' rows one after the other, or alternating (row i of each part, then row i + 1 …)."""
+    if not alternate:
+        return mx.concatenate(parts)
+    return mx.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
 
 
 def _same_form(paths: list[str], quantized: dict, blocks: dict, arrays: dict) -> bool:

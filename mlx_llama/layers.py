@@ -57,6 +57,19 @@ def gated_product(layer: nn.Module, a: mx.array, activation: str) -> mx.array | 
     return y + layer["bias"] if "bias" in layer else y
 
 
+def gated_rows_product(layer: nn.Module, x: mx.array, activation: str) -> mx.array | None:
+    """act(gate) · up from a layer whose rows alternate gate, up (`fusion`'s interleaved gate/up),
+    in one CUDA matvec that applies the activation as it writes (no kernel of its own per layer and
+    token); None where no such kernel serves the layer (then the caller splits the product)."""
+    act = cuda_affine.ACTIVATIONS.get(activation, 0)
+    k = x.shape[-1]
+    if (not act or not isinstance(layer, AffineLinear) or not cuda_affine.available() or "bias" in layer
+            or x.size // k > cuda_affine.MATVEC_MAX_ROWS or not cuda_affine.supported(layer.bits, layer.group_size, k)):
+        return None
+    return cuda_affine.matvec(x, layer["weight"], layer["scales"], layer["biases"], layer.bits,
+                              symmetric=getattr(layer, "symmetric", False), epilogue=act)
+
+
 def mark_symmetric(model: nn.Module) -> None:
     """Mark the affine layers whose biases are all −2^(bits−1) · scale (`cuda_affine.is_symmetric`):
     their CUDA matvec reads the scales alone (a tenth fewer bytes for Q4_0)."""

@@ -98,7 +98,7 @@ def load_model(
         bar.update(t.data.nbytes)
     bar.close()
     if fuse if fuse is not None else cuda_affine.available():
-        cfg, weights = fusion.fuse(cfg, weights, quantized, blocks)
+        cfg, weights = fusion.fuse(cfg, weights, quantized, blocks, interleave=cuda_affine.fused_kernels("act"))
     mx.clear_cache()  # return the decoding scratch buffers
     return build_model(cfg, weights, dtype=dtype, quantized=quantized, blocks=blocks,
                        cpu_dequantized=bool(cpu_dequantize))

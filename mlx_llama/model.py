@@ -17,7 +17,8 @@ import mlx.nn as nn
 from . import cuda_attention, cuda_norm, kernels
 from .architectures import ModelConfig
 from .cache import KVCache
-from .layers import BlockLinear, Embedding, Linear, block_layer, fused_kernels, gated_product, mark_symmetric
+from .layers import (BlockLinear, Embedding, Linear, block_layer, fused_kernels, gated_product, gated_rows_product,
+                     mark_symmetric)
 
 BLOCK_LEVEL = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")  # norms that sit in the block itself
 
@@ -208,13 +209,19 @@ class FeedForward(nn.Module):
             self.glu = kernels.geglu if gelu else kernels.swiglu
         else:
             self.glu = _geglu if gelu else _swiglu
-        self.fused = cfg.fused_gate_up
+        self.fused, self.interleaved = cfg.fused_gate_up, cfg.gate_up_interleaved
         if not self.fused:
             self.ffn_gate = linear(cfg, "ffn_gate", d, f)
         self.ffn_up = linear(cfg, "ffn_up", d, 2 * f if self.fused else f)
         self.ffn_down = linear(cfg, "ffn_down", f, d)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.interleaved:  # ffn_up's rows alternate gate, up
+            y = gated_rows_product(self.ffn_up, x, self.activation)  # the activation as the products are written
+            if y is None:
+                a = self.ffn_up(x)
+                y = self.glu(a[..., 0::2], a[..., 1::2])
+            return self.ffn_down(y)
         if self.fused:  # ffn_up holds [gate; up]
             a = self.ffn_up(x)
             y = gated_product(self.ffn_down, a, self.activation)  # the activation inside the down projection

@@ -326,7 +326,8 @@ def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
 
     for name, dt in ((n, getattr(mx, n)) for n in DTYPES):
         for kw in ({"bits": 2}, {"bits": 3}, {}, {"bits": 5}, {"bits": 6}, {"bits": 8}, {"nt": 3}, {"nt": 8},
-                   {"symmetric": True}, {"act": 1}, {"act": 2}) if aff else ():
+                   {"symmetric": True}, {"act": 1}, {"act": 2}, {"epilogue": 1}, {"epilogue": 2}, {"nt": 3, "epilogue": 1},
+                   ) if aff else ():
             add(f"cuda_affine.matvec {kw} {name}", _affine, aff.matvec, dt, **{"bits": 4, **kw})
         for rows, k, kw in ((70, 1024, {}), (256, 4096, {"symmetric": True}), (16, 384, {"act": 1}),
                             (70, 1024, {"act": 2})) if mma and name == "float16" else ():  # float16 only

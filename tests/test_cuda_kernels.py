@@ -350,3 +350,26 @@ def test_mma_matvec_equals_the_exact_product(symmetric, act, rows, k, monkeypatc
     tol = (4 if act else 2) * 2.0 ** -11 * np.abs(want).max()  # the output's float16 rounding (and the activation's)
     assert np.abs(got.reshape(1, -1) - want).max() <= tol
     assert np.abs(got - scalar).max() <= tol
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("nt", [1, 3])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["f16", "f32"])
+def test_matvec_epilogue_applies_the_gated_activation(activation, nt, dtype):
+    """Gate and up rows interleaved (`fusion`): the matvec writes act(gate) · up, gate and up rounded
+    to the dtype first (as the unfused products store them), against the plain matvec's rows."""
+    import mlx.nn as nn
+
+    from mlx_llama import cuda_affine
+
+    wq, scales, biases, _ = affine_weights(2 * 45, 1024, 4, seed=nt)  # 45 pairs: a partial block
+    x = mx.random.normal((nt, 1024), key=mx.random.key(5)).astype(dtype)
+    act = cuda_affine.ACTIVATIONS[activation]
+    plain = cuda_affine.matvec(x, wq, scales, biases, 4).astype(mx.float32)
+    gate, up = plain[:, 0::2], plain[:, 1::2]
+    want = ((nn.silu(gate) if activation == "silu" else nn.gelu_approx(gate)) * up).astype(dtype)
+    got = cuda_affine.matvec(x, wq, scales, biases, 4, epilogue=act)
+    assert got.shape == (nt, 45) and got.dtype == dtype
+    tol = 2e-3 if dtype == mx.float16 else 1e-5
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=tol,
+                               atol=tol * float(mx.abs(want).max().astype(mx.float32)))

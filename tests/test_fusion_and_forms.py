@@ -30,6 +30,25 @@ def test_fused_projections_are_the_same_numbers(arch, tensor_type, fused, tiny_g
     np.testing.assert_array_equal(np.array(apart(TOKENS)), np.array(together(TOKENS)))
 
 
+@pytest.mark.parametrize("arch, tensor_type", [("llama", "Q4_0"), ("gemma3", "Q8_0"), ("qwen2", "F32")])
+def test_interleaved_gate_and_up_are_the_same_numbers(arch, tensor_type, tiny_gguf, monkeypatch):
+    """MLX_LLAMA_CUDA_FUSE with "act": gate and up rows alternate in the fused ffn_up (for the CUDA
+    matvec that applies the activation as it writes; here the product is split back)."""
+    path = tiny_gguf(tensor_type, arch=arch, embed_std=0.5, n_layers=3 if arch == "gemma3" else 2)
+    apart = load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False, fuse=False)
+    monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "sym,norm,rope,act")
+    together = load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False, fuse=True)
+    assert together.config.gate_up_interleaved and together.blk[0].ffn.interleaved
+    up = together.blk[0].ffn.ffn_up
+    w = up["weight"] if "scales" not in up else mx.dequantize(up["weight"], up["scales"], up["biases"], group_size=32, bits=up.bits)
+    layer = apart.blk[0].ffn
+    g, u = ((m["weight"] if "scales" not in m else mx.dequantize(m["weight"], m["scales"], m["biases"], group_size=32, bits=m.bits))
+            for m in (layer.ffn_gate, layer.ffn_up))
+    np.testing.assert_array_equal(np.array(w[0::2]), np.array(g))  # rows: gate 0, up 0, gate 1, …
+    np.testing.assert_array_equal(np.array(w[1::2]), np.array(u))
+    np.testing.assert_array_equal(np.array(apart(TOKENS)), np.array(together(TOKENS)))
+
+
 def test_subblock16_form_by_device(monkeypatch):
     """The file's blocks on the CPU and with CUDA, dense float16 on another GPU (Metal); a form set
     by hand wins."""
