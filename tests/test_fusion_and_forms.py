@@ -63,3 +63,17 @@ def test_subblock16_form_by_device(monkeypatch):
         assert quants.subblock16_form() == 8
     finally:
         quants.set_subblock16_form()
+
+
+def test_verbose_line_names_the_cuda_pieces(monkeypatch):
+    """`mlx_llama … -v` on an NVIDIA GPU says which CUDA decode kernels run (nothing elsewhere)."""
+    from mlx_llama import cuda_affine
+    from mlx_llama.cli.common import _cuda_pieces
+
+    assert _cuda_pieces() == ""  # here: the CPU
+    monkeypatch.setattr(cuda_affine, "available", lambda: True)
+    assert _cuda_pieces() == " | CUDA: scalar matvecs, CUDA kernel attention, fused sym,norm,rope"
+    monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "none")
+    monkeypatch.setenv("MLX_LLAMA_CUDA_ATTENTION", "0")
+    monkeypatch.setenv("MLX_LLAMA_AFFINE_MMA", "1")
+    assert _cuda_pieces() == " | CUDA: tensor cores matvecs, MLX's attention, fused none"

@@ -146,7 +146,8 @@ def load_model(model_path, cpu_dequantize, verbose, check_template: bool = True)
         from ..decode_step import compiles
 
         step = "compiled" if compiles(model) else "op by op"
-        click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status} | decode step: {step}", err=True)
+        click.echo(f"device: {mx.default_device()} | weights: {mode} | BLAS: {_blas.status} | decode step: {step}"
+                   + _cuda_pieces(), err=True)
         if distributed_world() is not None:
             click.echo(f"ranks: {model.world.size} over {model.world.backend} | {model.describe()}", err=True)
         click.echo(f"loaded in {time.perf_counter() - t0:.2f}s", err=True)
@@ -297,3 +298,16 @@ def stats_line(stats, mx, verbose: bool) -> str:
         if stats.constraint_seconds:
             line += f" | constraint: {stats.constraint_seconds / max(stats.generated_tokens, 1) * 1e3:.2f} ms/token"
     return f"{line} | {memory_line(mx)}"
+
+
+def _cuda_pieces() -> str:
+    """On NVIDIA GPUs, the CUDA decode kernels in use (`cuda_affine.fused_kernels`, the tensor-core
+    matvec), for `-v`."""
+    from .. import cuda_affine, cuda_attention, cuda_mma
+
+    if not cuda_affine.available():
+        return ""
+    pieces = [p for p in ("sym", "norm", "rope", "glu", "act") if cuda_affine.fused_kernels(p)]
+    attention = "CUDA kernel" if cuda_attention.available() else "MLX's"
+    matvec = "tensor cores" if cuda_mma.enabled() else "scalar"
+    return f" | CUDA: {matvec} matvecs, {attention} attention, fused {','.join(pieces) or 'none'}"
