@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from check_cuda_kernels import timed  # noqa: E402
 from mlx_llama import cuda_affine, cuda_mma  # noqa: E402
 
 # (rows, columns, gated input, products per token): q+k+v fused, o, gate+up fused, down, output
 SHAPES = [(12288, 4096, 0, 32), (4096, 4096, 0, 32), (22016, 4096, 0, 32), (4096, 11008, 1, 32), (32000, 4096, 0, 1)]
 TILES = [(4, 2), (8, 1), (8, 2)]
-
-
-def timed(fn, reps: int = 20) -> float:
-    mx.eval(fn())
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        mx.eval(fn())
-    return (time.perf_counter() - t0) / reps
 
 
 def symmetric_weights(rng, rows: int, k: int, n: int):
@@ -55,12 +47,12 @@ def main() -> int:
         x = (mx.random.normal((1, 1, (2 if act else 1) * k)) * 0.5).astype(mx.float16)
         mx.eval(mats, x)
         nbytes = n * (mats[0][0].nbytes + mats[0][1].nbytes)  # what the symmetric kernels read
-        s = timed(lambda: [cuda_affine.matvec(x, *m, 4, symmetric=True, act=act) for m in mats]) / n
+        s = timed(lambda: [cuda_affine.matvec(x, *m, 4, symmetric=True, act=act) for m in mats], reps=20) / n
         scalar_total += s * per_token
         line = f"{rows}×{k}{' gated' if act else ''}: scalar {s * 1e6:6.1f} µs ({nbytes / n / s / 1e9:5.0f} GB/s)"
         for tile in TILES:
             cuda_mma.WARPS, cuda_mma.UNROLL = tile
-            m_s = timed(lambda: [cuda_mma.matvec(x, *m, symmetric=True, act=act) for m in mats]) / n
+            m_s = timed(lambda: [cuda_mma.matvec(x, *m, symmetric=True, act=act) for m in mats], reps=20) / n
             mma_totals[tile] += m_s * per_token
             line += f"; mma {tile} {m_s * 1e6:6.1f} µs ({nbytes / n / m_s / 1e9:5.0f} GB/s)"
         print(line, flush=True)
