@@ -105,7 +105,7 @@ def main() -> int:
         print(f"affine 4-bit {rows}×{cols}, one token (×{n}): MLX quantized_matmul {mlx_s / n * 1e6:7.1f} µs ({nbytes / mlx_s / 1e9:5.0f} GB/s)")
         sweep(f"affine 4-bit {rows}×{cols}", AFFINE_TILES, cuda_affine, ("WARPS", "ROWS_PER_BLOCK", "UNROLL"),
               lambda: [cuda_affine.matvec(x, *m, 4) for m in mats], n, nbytes, totals)
-        del mats
+        mats.clear()  # the matrices freed before the next shape
     best = min(totals, key=totals.get)
     print(f"best affine tile over the 7B shapes: {best}; best Q6_K tile: {q6_best}")
     if len(sys.argv) > 1:  # a file of shell exports for the end-to-end run
