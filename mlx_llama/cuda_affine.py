@@ -37,7 +37,7 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
-FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu" and "act" are opt-in
+FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu", "act", "inplace" are opt-in
 
 
 def fused_kernels(piece: str) -> bool:
@@ -45,7 +45,8 @@ def fused_kernels(piece: str) -> bool:
     `FUSED_DEFAULT`; "none" for none): sym (symmetric layers read without biases), norm (the
     residual add with the RMS norm), rope (RoPE and the new key/value inside the decode attention),
     glu (the gated activation read inside the down projection's matvec), act (gate and up rows
-    interleaved at load, the gated activation computed as their matvec writes)."""
+    interleaved at load, the gated activation computed as their matvec writes), inplace (the
+    decode attention writes the new key and value into the cache buffer itself: no scatter)."""
     return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
 
 

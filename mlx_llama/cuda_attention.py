@@ -118,6 +118,11 @@ _SOURCE = """
         if (head % GROUP == 0) {
             kv_new[int64_t(kv) * D + d] = static_cast<OutT>(kn[d]);
             kv_new[int64_t(HKV + kv) * D + d] = static_cast<OutT>(vn[d]);
+            if constexpr (INPLACE) {  // row `pos` of the buffer, which no block of this kernel reads
+                OutT* buffer = const_cast<OutT*>(cache);
+                buffer[(int64_t(kv) * CAP + pos) * D + d] = static_cast<OutT>(kn[d]);
+                buffer[(int64_t(HKV + kv) * CAP + pos) * D + d] = static_cast<OutT>(vn[d]);
+            }
         }
         qs[d] *= scale;
     }
@@ -209,7 +214,7 @@ def float_bits(x: float) -> int:
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, position: mx.array, scale: float, *,
                      heads: int, window: int = 0, rope=None, offsets: tuple[int, int, int] = (0, 0, 0),
-                     ) -> tuple[mx.array, mx.array]:
+                     in_place: bool = False) -> tuple[mx.array, mx.array]:
     """The new token's attention over a layer's cache buffer → (out (1, heads, 1, D), its key and
     value as the cache holds them (1, 2 · Hkv, 1, D)), in the cache's dtype.
 
@@ -221,7 +226,9 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
     rope: None (q and k rotated already) or `model.RoPE.kernel_form()`'s (traditional, dims, scale,
     base, freqs (dims/2,) float32 or None): MLX's RoPE at `position` applied to q and k inside the
     kernel, its frequencies computed as MLX's kernel computes them (2^(−i/(dims/2) · log2 base), or
-    1 / freqs)."""
+    1 / freqs). in_place: the kernel also writes the new key and value into `cache` itself, behind
+    MLX's back (its arrays are immutable to MLX): only for a buffer nothing else holds and nothing
+    reads before this kernel has run (`KVCache.kv` in the compiled step), saving the scatter."""
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
@@ -238,7 +245,7 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
                   ("THREADS", THREADS), ("ROPE", 0 if rope is None else 1 if traditional else 2), ("ROPE_DIMS", dims),
                   ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("FREQS", int(freqs is not None)),
                   ("LOG2_BASE_BITS", float_bits(log2_base)), ("Q_OFF", offsets[0]), ("K_OFF", offsets[1]),
-                  ("V_OFF", offsets[2]), ("OutT", cache.dtype)],
+                  ("V_OFF", offsets[2]), ("INPLACE", int(in_place)), ("OutT", cache.dtype)],
         grid=(hq * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[(1, hq, 1, d), (1, 2 * hkv, 1, d)], output_dtypes=[cache.dtype, cache.dtype],
     )

@@ -184,9 +184,11 @@ class Attention(nn.Module):
             if rope is None:
                 q, k = self.rope(q, slot.offset), self.rope(k, slot.offset)
             offsets = (0, 0, 0)
+        in_place = fused_kernels("inplace")
         out, kv_new = cuda_attention.decode_attention(q, k, v, slot.kv, slot.offset, self.scale, heads=self.n_heads,
-                                                      window=self.window, rope=rope, offsets=offsets)
-        slot.write(kv_new)
+                                                      window=self.window, rope=rope, offsets=offsets, in_place=in_place)
+        if not in_place:  # else the kernel wrote them into the buffer itself
+            slot.write(kv_new)
         return out
 
     def gpu_attention(self, q: mx.array, k: mx.array, v: mx.array, T: int) -> mx.array:

@@ -12,7 +12,7 @@ the ffn_down layers, Q4_K elsewhere). Then, in one process each and one after th
 and prints one table with ratios to llama.cpp. A check runs first (--check): the logits of a
 2-layer file on the GPU against the float32 CPU model with the same compact weights.
 
-    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline] [--op-by-op] [--unfused] [--ahead] [--act]
+    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline] [--op-by-op] [--unfused] [--ahead] [--opt-in]
 """
 
 from __future__ import annotations
@@ -189,8 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--op-by-op", action="store_true", help="also mlx_llama with the decode step not compiled")
     ap.add_argument("--ahead", action="store_true", help="also mlx_llama with 2 decode steps queued ahead "
                     "(MLX_LLAMA_DECODE_AHEAD=2)")
-    ap.add_argument("--act", action="store_true", help="also mlx_llama with gate/up interleaved and the activation "
-                    "in their matvec (MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act)")
+    ap.add_argument("--opt-in", action="store_true", help="also mlx_llama with the opt-in decode pieces: the "
+                    "activation in the gate/up matvec, the cache written by the attention kernel "
+                    "(MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace)")
     ap.add_argument("--unfused", action="store_true", help="also mlx_llama with the fused decode kernels off "
                     "(MLX_LLAMA_CUDA_FUSE=none: MLX's add, norm, RoPE and activation; biases read)")
     ap.add_argument("--json", default=None, help="write all figures here")
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
     variants = [("mlx_llama", {})] + ([("mlx_llama, CUDA kernels off", {"MLX_LLAMA_CUDA_KERNELS": "0"})] if args.baseline else [])
     variants += [("mlx_llama, decode step op by op", {"MLX_LLAMA_COMPILE": "0"})] if args.op_by_op else []
     variants += [("mlx_llama, fused decode kernels off", {"MLX_LLAMA_CUDA_FUSE": "none"})] if args.unfused else []
-    variants += [("mlx_llama, activation in the gate/up matvec", {"MLX_LLAMA_CUDA_FUSE": "sym,norm,rope,act"})] if args.act else []
+    variants += [("mlx_llama, + act, inplace", {"MLX_LLAMA_CUDA_FUSE": "sym,norm,rope,act,inplace"})] if args.opt_in else []
     variants += [("mlx_llama, 2 decode steps queued ahead", {"MLX_LLAMA_DECODE_AHEAD": "2"})] if args.ahead else []
     for name, env in variants:
         r = {recipe: in_child("mlx_llama_worker", paths[recipe, args.layers], args.reps, env=env) for recipe in RECIPES}

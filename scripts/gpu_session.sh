@@ -77,7 +77,7 @@ elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
   step "wait for llama-bench"
   wait_llama_bench 60
   step "end to end"
-  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --act --ahead --mlx-lm \
+  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --opt-in --ahead --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of mlx_llama and mlx-lm on Q4_0 only
   step setup

@@ -373,3 +373,26 @@ def test_matvec_epilogue_applies_the_gated_activation(activation, nt, dtype):
     tol = 2e-3 if dtype == mx.float16 else 1e-5
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=tol,
                                atol=tol * float(mx.abs(want).max().astype(mx.float32)))
+
+
+def test_decode_attention_in_place_writes_the_buffer_row():
+    """in_place: the new key and value land in the cache buffer at the position (the compiled
+    step's scatter left out), the same values the kernel returns; no other row changes."""
+    from mlx_llama import cuda_attention
+    from mlx_llama.model import RoPE
+
+    d, hq, hkv, cap, pos = 64, 8, 2, 256, 100
+    q, k, v, keys, values = decode_case(d, hq, hkv, cap, mx.float16, 7)
+    cache = mx.concatenate([keys, values], axis=1)
+    mx.eval(cache)
+    before = np.array(cache)
+    form = RoPE(d, d, False, 10000.0, 1.0).kernel_form()
+    want, kv_want = cuda_attention.decode_attention(q, k, v, cache, mx.array(pos, mx.int32), 0.125, heads=hq, rope=form)
+    got, kv_new = cuda_attention.decode_attention(q, k, v, cache, mx.array(pos, mx.int32), 0.125, heads=hq, rope=form,
+                                                  in_place=True)
+    mx.eval(want, kv_want, got, kv_new)
+    after = np.array(cache)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    np.testing.assert_array_equal(after[:, :, pos], np.array(kv_new)[:, :, 0])
+    after[:, :, pos] = before[:, :, pos]
+    np.testing.assert_array_equal(after, before)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import mlx_llama
-from mlx_llama import decode_step
+from mlx_llama import cuda_affine, decode_step
 from mlx_llama.cache import KVCache
 from mlx_llama.generation import generate_tokens, prefill
 from mlx_llama.sample import SamplingParams
@@ -60,6 +60,23 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
     # float16 logits of size ~5: attention over the whole buffer (masked, or the CUDA kernel) sums
     # in another order than MLX's over the positions held; ~10 float16 steps at most
     assert np.abs(eager - compiled).max() <= 4e-2, name
+    assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
+@pytest.mark.parametrize("pieces", ["none", "sym,norm,rope,act,inplace", "sym,norm,rope,glu"])
+@pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3"])
+def test_fused_cuda_pieces_equal_the_model_op_by_op(pieces, name, tiny_gguf, small_steps, monkeypatch):
+    """On an NVIDIA GPU, each set of fused decode kernels (MLX_LLAMA_CUDA_FUSE, read at load and
+    at every step) against the step op by op with none of them."""
+    path = tiny(tiny_gguf, "Q4_0", **PEAKED, **VARIANTS[name])
+    monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "none")
+    plain, _ = mlx_llama.load(path, dtype=mx.float16, cpu_dequantize=False)
+    eager = decode(plain, False, monkeypatch)
+    monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", pieces)
+    model, _ = mlx_llama.load(path, dtype=mx.float16, cpu_dequantize=False)
+    compiled = decode(model, True, monkeypatch)
+    assert np.abs(eager - compiled).max() <= 4e-2, pieces
     assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
 
 
