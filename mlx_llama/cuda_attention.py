@@ -21,6 +21,11 @@ new key and value are used from shared memory, and they are an output as the cac
   G = THREADS / (D / 8) rows at a time; the G partial sums added in shared memory and divided by
   the softmax sum once.
 
+With MLX_LLAMA_ATTENTION_SPLIT_FROM=N (opt-in, unmeasured), buffers of N positions or more are cut
+into chunks of CHUNK positions, a block per head and chunk (one block per head leaves most of a
+large GPU idle when the context is long), each writing its unnormalised sum, maximum and
+exp-sum; a second kernel (`_COMBINE`) rescales and adds them.
+
 Sums in float32 (MLX's attention also accumulates in float32): equal up to summation order.
 MLX_LLAMA_CUDA_ATTENTION=0 turns it off (the masked attention then).
 """
@@ -37,6 +42,7 @@ from . import cuda_affine
 
 THREADS = 512
 MAX_POSITIONS = 4096  # scores in shared memory (16 KB); a longer buffer uses MLX's masked attention
+CHUNK = 512  # positions per block when a head's positions are split over several (`split_count`)
 
 HEADER = """
 #include <cuda_fp16.h>
@@ -76,17 +82,19 @@ _SOURCE = """
     // before RoPE when ROPE > 0 (1: adjacent pairs, 2: NEOX halves of the first ROPE_DIMS);
     // cache: the layer's buffer (HKV key heads, then HKV value heads, CAP positions each),
     // positions < position written; out: attention; kv_new: the new key (rotated) and value as
-    // the cache stores them (written by one block per key/value head)
+    // the cache stores them (written by one block per key/value head). With SPLITS > 1 each head's
+    // positions are cut into SPLITS chunks of CHUNK, a block each: it writes its unnormalised sum
+    // (partial) and its maximum and exp-sum (ml), and `_COMBINE` makes `out`.
     constexpr int WARPS = THREADS / 32, VEC = 8, LANES = D / VEC, G = THREADS / LANES;
-    __shared__ float score[CAP];
-    __shared__ float part[G * D];
+    __shared__ float score[CHUNK];
+    __shared__ float vpart[G * D];
     __shared__ float qs[D], kn[D], vn[D];
     __shared__ float wred[WARPS];
-    const int head = blockIdx.x, kv = head / GROUP;
+    const int head = blockIdx.x / SPLITS, split = blockIdx.x % SPLITS, kv = head / GROUP;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int pos = position[0], n = pos + 1;
-    const int first = WINDOW > 0 && n > WINDOW ? n - WINDOW : 0;
-    const int count = n - first;
+    const int first = (WINDOW > 0 && n > WINDOW ? n - WINDOW : 0) + split * CHUNK;  // this block's positions
+    const int count = max(0, min(n - first, CHUNK));
     for (int d = tid; d < D; d += THREADS) {
         qs[d] = static_cast<float>(q[Q_OFF + int64_t(head) * D + d]);
         kn[d] = static_cast<float>(k[K_OFF + int64_t(kv) * D + d]);
@@ -115,7 +123,7 @@ _SOURCE = """
     }
     const float scale = __int_as_float(SCALE_BITS);
     for (int d = tid; d < D; d += THREADS) {
-        if (head % GROUP == 0) {
+        if (head % GROUP == 0 && split == 0) {
             kv_new[int64_t(kv) * D + d] = static_cast<OutT>(kn[d]);
             kv_new[int64_t(HKV + kv) * D + d] = static_cast<OutT>(vn[d]);
             if constexpr (INPLACE) {  // row `pos` of the buffer, which no block of this kernel reads
@@ -184,17 +192,37 @@ _SOURCE = """
             for (int j = 0; j < VEC; ++j) acc[j] += w * v8[j];
         }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) part[g * D + c + j] = acc[j];
+        for (int j = 0; j < VEC; ++j) vpart[g * D + c + j] = acc[j];
     }
     __syncthreads();
     for (int d = tid; d < D; d += THREADS) {
         float o = 0.0f;
-        for (int w = 0; w < G; ++w) o += part[w * D + d];
-        out[int64_t(head) * D + d] = static_cast<OutT>(o / l);
+        for (int w = 0; w < G; ++w) o += vpart[w * D + d];
+        if constexpr (SPLITS == 1) out[int64_t(head) * D + d] = static_cast<OutT>(o / l);
+        else partial[int64_t(blockIdx.x) * D + d] = o;
+    }
+    if (SPLITS > 1 && tid == 0) {
+        ml[2 * blockIdx.x] = m;  // -inf for a chunk past the position: weight 0 below
+        ml[2 * blockIdx.x + 1] = l;
     }
 """
 
-_kernel = None
+_COMBINE = """
+    // out = Σ_s partial_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M), M the largest m_s (chunk 0 holds
+    // at least the new token: M is finite)
+    const int head = blockIdx.x, d = threadIdx.x;
+    float top = __int_as_float(0xff800000);
+    for (int s = 0; s < SPLITS; ++s) top = fmaxf(top, ml[2 * (head * SPLITS + s)]);
+    float o = 0.0f, l = 0.0f;
+    for (int s = 0; s < SPLITS; ++s) {
+        const float w = __expf(ml[2 * (head * SPLITS + s)] - top);
+        l += w * ml[2 * (head * SPLITS + s) + 1];
+        o += w * partial[int64_t(head * SPLITS + s) * D + d];
+    }
+    out[int64_t(head) * D + d] = static_cast<OutT>(o / l);
+"""
+
+_kernel = _combine = None
 
 
 def available() -> bool:
@@ -203,8 +231,16 @@ def available() -> bool:
 
 def serves(batch: int, head_dim: int, capacity: int) -> bool:
     """Whether the kernel serves a compiled step's attention: `available`, one sequence, a head
-    size it lays out (a multiple of 8 up to 256), a buffer whose scores fit in shared memory."""
-    return available() and batch == 1 and head_dim % 8 == 0 and head_dim <= 256 and capacity <= MAX_POSITIONS
+    size it lays out (a multiple of 8 up to 256), a chunk's scores fitting in shared memory."""
+    fits = -(-capacity // split_count(capacity)) <= MAX_POSITIONS
+    return available() and batch == 1 and head_dim % 8 == 0 and head_dim <= 256 and fits
+
+
+def split_count(capacity: int) -> int:
+    """Blocks per head: 1, or from a capacity of MLX_LLAMA_ATTENTION_SPLIT_FROM positions on (0,
+    the default: never) one per CHUNK positions (then a second kernel combines them)."""
+    start = int(os.environ.get("MLX_LLAMA_ATTENTION_SPLIT_FROM", "0") or 0)
+    return -(-capacity // CHUNK) if start and capacity >= start else 1
 
 
 def float_bits(x: float) -> int:
@@ -229,24 +265,34 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
     1 / freqs). in_place: the kernel also writes the new key and value into `cache` itself, behind
     MLX's back (its arrays are immutable to MLX): only for a buffer nothing else holds and nothing
     reads before this kernel has run (`KVCache.kv` in the compiled step), saving the scatter."""
-    global _kernel
+    global _kernel, _combine
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
             name="mlx_llama_decode_attention", input_names=["q", "k", "v", "cache", "position", "freqs"],
-            output_names=["out", "kv_new"], source=_SOURCE, header=HEADER)
+            output_names=["out", "kv_new", "partial", "ml"], source=_SOURCE, header=HEADER)
+        _combine = mx.fast.cuda_kernel(name="mlx_llama_decode_attention_combine", input_names=["partial", "ml"],
+                                       output_names=["out"], source=_COMBINE, header=HEADER)
     hkv, cap, d = cache.shape[1] // 2, cache.shape[2], cache.shape[3]
-    hq = heads
+    hq, splits = heads, split_count(cap)
+    chunk = -(-cap // splits)
     traditional, dims, rope_scale, base, freqs = rope if rope is not None else (True, 0, 1.0, 2.0, None)
     log2_base = float(np.log2(np.float32(base or 2.0)))  # as MLX's std::log2 of the float base (unused with freqs)
-    out, kv_new = _kernel(
+    out, kv_new, partial, ml = _kernel(
         inputs=[q, k, v, cache, position.reshape(1).astype(mx.int32),
                 freqs if freqs is not None else mx.zeros((1,), mx.float32)],
         template=[("D", d), ("CAP", cap), ("HKV", hkv), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
                   ("THREADS", THREADS), ("ROPE", 0 if rope is None else 1 if traditional else 2), ("ROPE_DIMS", dims),
                   ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("FREQS", int(freqs is not None)),
                   ("LOG2_BASE_BITS", float_bits(log2_base)), ("Q_OFF", offsets[0]), ("K_OFF", offsets[1]),
-                  ("V_OFF", offsets[2]), ("INPLACE", int(in_place)), ("OutT", cache.dtype)],
-        grid=(hq * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(1, hq, 1, d), (1, 2 * hkv, 1, d)], output_dtypes=[cache.dtype, cache.dtype],
+                  ("V_OFF", offsets[2]), ("INPLACE", int(in_place)), ("SPLITS", splits), ("CHUNK", chunk),
+                  ("OutT", cache.dtype)],
+        grid=(hq * splits * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(1, hq, 1, d), (1, 2 * hkv, 1, d), (hq * splits, d) if splits > 1 else (1,),
+                       (hq * splits, 2) if splits > 1 else (1,)],
+        output_dtypes=[cache.dtype, cache.dtype, mx.float32, mx.float32],
     )
+    if splits > 1:
+        out = _combine(inputs=[partial, ml], template=[("D", d), ("SPLITS", splits), ("OutT", cache.dtype)],
+                       grid=(hq * d, 1, 1), threadgroup=(d, 1, 1), output_shapes=[(1, hq, 1, d)],
+                       output_dtypes=[cache.dtype])[0]
     return out, kv_new

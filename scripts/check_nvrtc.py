@@ -282,7 +282,16 @@ def _blocks(mod, dt, ggml_type, nt=0, **kw):  # nt 0: dequantize
     return mod.block_matvec(mx.zeros((nt, nb * 256 * (2 if kw.get("act") else 1)), dt), ggml_type, fields, **kw)
 
 
-def _attention(mod, dt, d, hq, hkv, window, rope=None, cap=768, in_place=False):
+def _attention(mod, dt, d, hq, hkv, window, rope=None, cap=768, in_place=False, split=False):
+    if split:  # the capacity over several blocks per head, and the kernel that combines them
+        os.environ["MLX_LLAMA_ATTENTION_SPLIT_FROM"] = "1024"
+    try:
+        return _attention_call(mod, dt, d, hq, hkv, window, rope, cap, in_place)
+    finally:
+        os.environ.pop("MLX_LLAMA_ATTENTION_SPLIT_FROM", None)
+
+
+def _attention_call(mod, dt, d, hq, hkv, window, rope, cap, in_place):
     q, new, cache = mx.zeros((1, hq, 1, d), dt), mx.zeros((1, hkv, 1, d), dt), mx.zeros((1, hkv, cap, d), dt)
     if rope is not None:  # model.RoPE.kernel_form(): (traditional, dims, scale, base, freqs or None)
         rope = (rope, d, 1.0, 10000.0, mx.ones((d // 2,), mx.float32) if rope else None)
@@ -336,7 +345,8 @@ def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
                 (quants.Q6_K, 1, {"act": 1}), (quants.Q6_K, 1, {"act": 2})] if blk else ():
             add(f"cuda_kernels type={t} nt={nt} {kw} {name}", _blocks, blk, dt, t, nt, **kw)
         for c in ((128, 32, 32, 0), (64, 9, 3, 0), (128, 8, 2, 5), (256, 4, 2, 0), (64, 6, 6, 400),
-                  (128, 8, 2, 0, True), (64, 8, 2, 0, False), (128, 8, 2, 0, False, 768, True)) if att else ():
+                  (128, 8, 2, 0, True), (64, 8, 2, 0, False), (128, 8, 2, 0, False, 768, True),
+                  (128, 8, 2, 0, False, 2000, True, True), (64, 6, 6, 400, None, 2000, False, True)) if att else ():
             add(f"cuda_attention.decode_attention {c} {name}", _attention, att, dt, *c)
         for shape in ((1, 1, 64), (3, 2048)) if nrm else ():
             add(f"cuda_norm.add_rms_norm {shape} {name}", nrm.add_rms_norm, *[mx.zeros(shape, dt)] * 2,

@@ -185,12 +185,14 @@ ROPES = {"none": None, "traditional": (True, 1.0, None), "neox": (False, 1.0, No
 
 SHAPES = [(128, 32, 32, 0, mx.float16), (64, 9, 3, 0, mx.float32), (128, 8, 2, 5, mx.float16), (256, 4, 2, 0, mx.float16),
           (64, 6, 6, 400, mx.float32)]
-ATTENTION_CASES = ([("none", *shape, position) for shape in SHAPES for position in (0, 300, 767)]
-                   + [(rope, *shape, position) for rope in list(ROPES)[1:] for shape in SHAPES[1:3] for position in (1, 767)])
+ATTENTION_CASES = ([("none", *shape, position, 768) for shape in SHAPES for position in (0, 300, 767)]
+                   + [(rope, *shape, position, 768) for rope in list(ROPES)[1:] for shape in SHAPES[1:3] for position in (1, 767)]
+                   # a capacity split over several blocks per head (MLX_LLAMA_ATTENTION_SPLIT_FROM), then combined
+                   + [("neox", *shape, position, 2000) for shape in SHAPES[1:3] + SHAPES[4:] for position in (0, 511, 1200, 1999)])
 
 
-@pytest.mark.parametrize("rope, d, hq, hkv, window, dtype, position", ATTENTION_CASES)
-def test_decode_attention_equals_mlx_attention(rope, d, hq, hkv, window, dtype, position):
+@pytest.mark.parametrize("rope, d, hq, hkv, window, dtype, position, cap", ATTENTION_CASES)
+def test_decode_attention_equals_mlx_attention(rope, d, hq, hkv, window, dtype, position, cap, monkeypatch):
     """The compiled step's attention over a whole buffer (positions from `position` on hold garbage
     it must not read; the new key and value come as inputs) against MLX's RoPE, cache write and
     attention over the positions held (the last `window`). The kernel's RoPE is MLX's arithmetic
@@ -198,7 +200,11 @@ def test_decode_attention_equals_mlx_attention(rope, d, hq, hkv, window, dtype, 
     from mlx_llama import cuda_attention
     from mlx_llama.model import RoPE, Vector
 
-    cap, scale = 768, d ** -0.5
+    from mlx_llama.cuda_attention import split_count
+
+    monkeypatch.setenv("MLX_LLAMA_ATTENTION_SPLIT_FROM", "1024")
+    assert split_count(cap) == (1 if cap < 1024 else 4)
+    scale = d ** -0.5
     q, k, v, keys, values = decode_case(d, hq, hkv, cap, dtype, position + d)
     form, qr, kr = None, q, k
     if ROPES[rope] is not None:
