@@ -5,7 +5,8 @@
 #            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
 #   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
-#            compiled; the table with the step op by op as the extra row); explore: c1 without llama-bench;
+#            compiled; the table with the opt-in pieces' and the two-ahead rows); long (after c1):
+#            2000 positions cached, the attention split or not; explore: c1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
 set -u
@@ -79,6 +80,13 @@ elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --opt-in --ahead --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = long ]; then  # the warm host after c1: decoding at 2000 cached positions, attention split or not
+  source /root/stash/env.sh
+  [ -f /root/stash/attn.env ] && source /root/stash/attn.env
+  step "2000 positions cached: one block per head, then split over chunks (MLX_LLAMA_ATTENTION_SPLIT_FROM=1024)"
+  timeout 150 python3 scripts/profile_decode.py "$Q40" --context 2000 --steps 32 2>&1 | tail -5 | tee "$OUT/profile_2000.txt"
+  MLX_LLAMA_ATTENTION_SPLIT_FROM=1024 timeout 150 python3 scripts/profile_decode.py "$Q40" --context 2000 --steps 32 2>&1 \
+      | tail -5 | tee "$OUT/profile_2000_split.txt"
 elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of mlx_llama and mlx-lm on Q4_0 only
   step setup
   source .gpu2/setup.sh
