@@ -1,13 +1,14 @@
 """On MLX's CUDA backend: the tensor-core 4-bit matvec (`cuda_mma`) against the scalar one
 (`cuda_affine`) on a Llama-2-7B layer's shapes, Q4_0's form (symmetric; the down projection
-reading [gate; up]), as µs per product and GB/s of weights read; several tilings of the
-tensor-core kernel. Exactness: `tests/test_cuda_kernels.py -k mma`.
+reading [gate; up]), as µs per product and GB/s of weights read, under several tilings of each;
+the products of a shape traced into one compiled graph, as in a decode step. Exactness:
+`tests/test_cuda_kernels.py -k mma`.
 
     python scripts/check_mma.py [ENV_FILE]
 
-With ENV_FILE: writes `export MLX_LLAMA_AFFINE_MMA=1 MLX_LLAMA_MMA_TILE=W,U` there when the
-tensor-core kernel's fastest tiling beats the scalar kernel over a token's products
-(`MLX_LLAMA_AFFINE_MMA=0` otherwise).
+With ENV_FILE: writes there the scalar kernel's fastest tiling (MLX_LLAMA_AFFINE_TILE) and the
+tensor-core kernel's (MLX_LLAMA_MMA_TILE), and MLX_LLAMA_AFFINE_MMA=1 when that beats the scalar
+kernel over a token's products (0 otherwise).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from check_cuda_kernels import timed  # noqa: E402
 from mlx_llama import cuda_affine, cuda_mma  # noqa: E402
 
 # (rows, columns, gated input, products per token): q+k+v fused, o, gate+up fused, down, output
-SHAPES = [(12288, 4096, 0, 32), (4096, 4096, 0, 32), (22016, 4096, 0, 32), (4096, 11008, 1, 32), (32000, 4096, 0, 1)]
+# (the gated-input form is the opt-in "glu" piece: left out here)
+SHAPES = [(12288, 4096, 0, 32), (4096, 4096, 0, 32), (22016, 4096, 0, 32), (4096, 11008, 0, 32), (32000, 4096, 0, 1)]
 TILES = [(4, 2), (8, 1), (8, 2)]
 
 
@@ -37,33 +39,57 @@ def symmetric_weights(rng, rows: int, k: int, n: int):
     return mats
 
 
+SCALAR_TILES = [(1, 2, 2), (1, 4, 2), (2, 4, 2), (1, 4, 1)]  # cuda_affine: warps, rows per block, groups ahead
+
+
+def compiled_time(products, x) -> float:
+    """Seconds per evaluation of all `products(x)` traced into one compiled graph (as in a decode
+    step: MLX then spends ~3 µs of host time per kernel, not ~20, so the GPU's time shows)."""
+    fn = mx.compile(lambda v: products(v))
+    return timed(lambda: fn(x), reps=20)
+
+
+def sweep_shape(rows: int, k: int, act: int, mats, x, totals: dict) -> str:
+    """Each kernel and tiling on one shape: adds seconds per product to `totals`, returns a line."""
+    n = len(mats)
+    nbytes = mats[0][0].nbytes + mats[0][1].nbytes  # what the symmetric kernels read
+    line = f"{rows}×{k}{' gated' if act else ''}:"
+    for tile in SCALAR_TILES:
+        cuda_affine.WARPS, cuda_affine.ROWS_PER_BLOCK, cuda_affine.UNROLL = tile
+        s = compiled_time(lambda v: [cuda_affine.matvec(v, *m, 4, symmetric=True, act=act) for m in mats], x) / n
+        totals["scalar", tile] = totals.get(("scalar", tile), 0.0) + s * dict(PER_TOKEN)[rows, k]
+        line += f" scalar {tile} {s * 1e6:5.1f} µs ({nbytes / s / 1e9:4.0f} GB/s);"
+    for tile in TILES:
+        cuda_mma.WARPS, cuda_mma.UNROLL = tile
+        s = compiled_time(lambda v: [cuda_mma.matvec(v, *m, symmetric=True, act=act) for m in mats], x) / n
+        totals["mma", tile] = totals.get(("mma", tile), 0.0) + s * dict(PER_TOKEN)[rows, k]
+        line += f" mma {tile} {s * 1e6:5.1f} µs ({nbytes / s / 1e9:4.0f} GB/s);"
+    return line
+
+
+PER_TOKEN = [((rows, k), count) for rows, k, _, count in SHAPES]
+
+
 def main() -> int:
     assert cuda_affine.available(), "needs MLX's CUDA backend"
     rng = np.random.default_rng(0)
-    scalar_total, mma_totals = 0.0, dict.fromkeys(TILES, 0.0)
-    for rows, k, act, per_token in SHAPES:
+    totals: dict = {}
+    for rows, k, act, _ in SHAPES:
         n = max(2, int(400e6 // (rows * k * 5 / 8)))  # several matrices: beyond the 60 MB L2
         mats = symmetric_weights(rng, rows, k, n)
         x = (mx.random.normal((1, 1, (2 if act else 1) * k)) * 0.5).astype(mx.float16)
         mx.eval(mats, x)
-        nbytes = n * (mats[0][0].nbytes + mats[0][1].nbytes)  # what the symmetric kernels read
-        s = timed(lambda: [cuda_affine.matvec(x, *m, 4, symmetric=True, act=act) for m in mats], reps=20) / n
-        scalar_total += s * per_token
-        line = f"{rows}×{k}{' gated' if act else ''}: scalar {s * 1e6:6.1f} µs ({nbytes / n / s / 1e9:5.0f} GB/s)"
-        for tile in TILES:
-            cuda_mma.WARPS, cuda_mma.UNROLL = tile
-            m_s = timed(lambda: [cuda_mma.matvec(x, *m, symmetric=True, act=act) for m in mats], reps=20) / n
-            mma_totals[tile] += m_s * per_token
-            line += f"; mma {tile} {m_s * 1e6:6.1f} µs ({nbytes / n / m_s / 1e9:5.0f} GB/s)"
-        print(line, flush=True)
+        print(sweep_shape(rows, k, act, mats, x, totals), flush=True)
         mats.clear()  # the matrices freed before the next shape
-    best = min(mma_totals, key=mma_totals.get)
-    print(f"a token's products: scalar {scalar_total * 1e3:.3f} ms; tensor cores "
-          + ", ".join(f"{t} {v * 1e3:.3f} ms" for t, v in mma_totals.items()) + f"; best {best}")
+    print("a token's products: " + "; ".join(f"{kind} {tile} {v * 1e3:.3f} ms" for (kind, tile), v in totals.items()))
+    scalar = min((t for kind, t in totals if kind == "scalar"), key=lambda t: totals["scalar", t])
+    mma = min((t for kind, t in totals if kind == "mma"), key=lambda t: totals["mma", t])
+    print(f"best: scalar {scalar}, tensor cores {mma}")
     if len(sys.argv) > 1:
-        faster = mma_totals[best] < scalar_total
+        faster = totals["mma", mma] < totals["scalar", scalar]
         with open(sys.argv[1], "w") as f:
-            f.write(f"export MLX_LLAMA_AFFINE_MMA={int(faster)} MLX_LLAMA_MMA_TILE={best[0]},{best[1]}\n")
+            f.write(f"export MLX_LLAMA_AFFINE_MMA={int(faster)} MLX_LLAMA_MMA_TILE={mma[0]},{mma[1]} "
+                    f"MLX_LLAMA_AFFINE_TILE={','.join(map(str, scalar))}\n")
     return 0
 
 
