@@ -97,7 +97,8 @@ def mlx_lm_worker(group_size: int, reps: int) -> dict:
 
 
 def in_child(fn: str, *args, env: dict | None = None) -> dict:
-    """Run `fn(*args)` of this script in a fresh process (its own memory and MLX state)."""
+    """Run `fn(*args)` of this script in a fresh process (its own memory and MLX state); a failure
+    is raised (see `or_error`)."""
     code = f"import json, sys; sys.argv = ['x']; import bench_gpu; print('RESULT' + json.dumps(bench_gpu.{fn}(*{args!r})))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=HERE,
                        env={**os.environ, **(env or {})})
@@ -105,6 +106,15 @@ def in_child(fn: str, *args, env: dict | None = None) -> dict:
     if line is None:
         raise RuntimeError(f"{fn}{args} failed:\n{r.stderr[-3000:]}")
     return json.loads(line[len("RESULT"):])
+
+
+def or_error(fn: str, *args, env: dict | None = None) -> dict:
+    """`in_child`, or {"error": the failure's last line}: one failing row leaves the others measured."""
+    try:
+        return in_child(fn, *args, env=env)
+    except Exception as e:  # noqa: BLE001 - a child's crash (a kernel fault) or error, reported in the table
+        print(f"{fn}{args} failed: {str(e)[-2000:]}", flush=True)
+        return {"error": str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__}
 
 
 def llama_bench(binary: str, path: str, reps: int) -> dict:
@@ -172,6 +182,9 @@ def table(rows: list[tuple[str, dict]], ref: dict) -> str:
             for test in ("pp512", "tg128"):
                 v = r.get(recipe, {}).get(test)
                 base = ref.get(recipe, {}).get(test)
+                if "error" in r.get(recipe, {}):
+                    cells.append("error")
+                    continue
                 cells.append("—" if v is None else f"{v[0]:,.0f}" + (f" ({v[0] / base[0]:.2f}×)" if base else ""))
         lines.append(f"| {name:44} | {cells[0]:>14} | {cells[1]:>12} | {cells[2]:>14} | {cells[3]:>12} |")
     return "\n".join(lines)
@@ -202,7 +215,7 @@ def main(argv=None) -> int:
     results: dict = {}
     if args.check:
         for recipe in RECIPES:
-            results[f"check {recipe}"] = in_child("check", paths[recipe, 2])
+            results[f"check {recipe}"] = or_error("check", paths[recipe, 2])
             print(f"check {recipe} (2 layers):", json.dumps(results[f"check {recipe}"]), flush=True)
     rows = []
     variants = [("mlx_llama", {})] + ([("mlx_llama, CUDA kernels off", {"MLX_LLAMA_CUDA_KERNELS": "0"})] if args.baseline else [])
@@ -211,7 +224,7 @@ def main(argv=None) -> int:
     variants += [("mlx_llama, + act, inplace", {"MLX_LLAMA_CUDA_FUSE": "sym,norm,rope,act,inplace"})] if args.opt_in else []
     variants += [("mlx_llama, 2 decode steps queued ahead", {"MLX_LLAMA_DECODE_AHEAD": "2"})] if args.ahead else []
     for name, env in variants:
-        r = {recipe: in_child("mlx_llama_worker", paths[recipe, args.layers], args.reps, env=env) for recipe in RECIPES}
+        r = {recipe: or_error("mlx_llama_worker", paths[recipe, args.layers], args.reps, env=env) for recipe in RECIPES}
         rows.append((name, r))
         print(name, json.dumps(r), flush=True)
     ref = {}
@@ -221,7 +234,7 @@ def main(argv=None) -> int:
         print("llama.cpp", json.dumps(ref), flush=True)
     if args.mlx_lm:
         for g in (32,):
-            r = {"Q4_0": in_child("mlx_lm_worker", g, args.reps)}
+            r = {"Q4_0": or_error("mlx_lm_worker", g, args.reps)}
             rows.append((f"mlx-lm 4-bit g{g} (vs Q4_0)", r))
             print(f"mlx-lm g{g}", json.dumps(r), flush=True)
     results["rows"] = rows
