@@ -10,6 +10,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 
+def halves(kv: mx.array) -> tuple[mx.array, mx.array]:
+    """A (B, 2 · kv_heads, …) buffer's keys and values, views."""
+    H = kv.shape[1] // 2
+    return kv[:, :H], kv[:, H:]
+
+
 class KVCache:
     step = 256  # tokens added per reallocation
 
@@ -20,11 +26,11 @@ class KVCache:
     @property
     def keys(self) -> mx.array | None:
         """(B, kv_heads, capacity, head_dim), a view."""
-        return None if self.kv is None else self.kv[:, : self.kv.shape[1] // 2]
+        return None if self.kv is None else halves(self.kv)[0]
 
     @property
     def values(self) -> mx.array | None:
-        return None if self.kv is None else self.kv[:, self.kv.shape[1] // 2 :]
+        return None if self.kv is None else halves(self.kv)[1]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, kv_heads, T, head_dim) keys/values; return everything held so far."""
@@ -37,7 +43,7 @@ class KVCache:
         H = self.kv.shape[1] // 2
         self.kv[:, :H, start : self.offset, :] = keys  # two writes: no copy to join them first
         self.kv[:, H:, start : self.offset, :] = values
-        return self.kv[:, :H, : self.offset], self.kv[:, H:, : self.offset]
+        return halves(self.kv[..., : self.offset, :])
 
     def reserve(self, T: int) -> None:
         """Room for T more tokens (the buffer exists: after the first update)."""

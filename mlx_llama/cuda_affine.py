@@ -37,6 +37,7 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
+PIECES = ("sym", "norm", "rope", "glu", "act", "inplace")  # the fused decode pieces, as `fused_kernels` names them
 FUSED_DEFAULT = "sym,norm,rope"  # measured on an H200 (BENCHMARKS.md); "glu", "act", "inplace" are opt-in
 
 
@@ -237,7 +238,16 @@ _MATVEC = r"""
     }
 """
 
-_kernel = None
+_KERNELS: dict = {}
+
+
+def kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str = HEADER):
+    """The `mx.fast.cuda_kernel` called `name`, made on first use (every module's kernels: MLX
+    compiles each instantiation once it runs)."""
+    if name not in _KERNELS:
+        _KERNELS[name] = mx.fast.cuda_kernel(name=name, input_names=input_names, output_names=output_names,
+                                             source=source, header=header)
+    return _KERNELS[name]
 
 
 def available() -> bool:
@@ -259,10 +269,6 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     computed as the activations are read (`ACTIVATIONS`). epilogue: W's rows are gate and up rows
     interleaved (`fusion`), and the result is act(gate) · up (..., rows / 2), computed as the
     products are written."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="mlx_llama_affine_matvec", input_names=["x", "w", "scales", "biases"],
-                                      output_names=["out"], source=_MATVEC, header=HEADER)
     rows = w.shape[0]
     k = x.shape[-1] // (2 if act else 1)
     lead = x.shape[:-1]
@@ -271,7 +277,7 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     if epilogue:
         r = max(2, r - r % 2)  # gate and up rows in the same block
     n_out = rows // 2 if epilogue else rows
-    return _kernel(
+    return kernel("mlx_llama_affine_matvec", ["x", "w", "scales", "biases"], ["out"], _MATVEC)(
         inputs=[x.reshape(nt, x.shape[-1]), w, scales, biases],
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
                   ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("OutT", x.dtype)],

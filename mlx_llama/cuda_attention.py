@@ -222,7 +222,6 @@ _COMBINE = """
     out[int64_t(head) * D + d] = static_cast<OutT>(o / l);
 """
 
-_kernel = _combine = None
 
 
 def available() -> bool:
@@ -265,19 +264,14 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
     1 / freqs). in_place: the kernel also writes the new key and value into `cache` itself, behind
     MLX's back (its arrays are immutable to MLX): only for a buffer nothing else holds and nothing
     reads before this kernel has run (`KVCache.kv` in the compiled step), saving the scatter."""
-    global _kernel, _combine
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="mlx_llama_decode_attention", input_names=["q", "k", "v", "cache", "position", "freqs"],
-            output_names=["out", "kv_new", "partial", "ml"], source=_SOURCE, header=HEADER)
-        _combine = mx.fast.cuda_kernel(name="mlx_llama_decode_attention_combine", input_names=["partial", "ml"],
-                                       output_names=["out"], source=_COMBINE, header=HEADER)
     hkv, cap, d = cache.shape[1] // 2, cache.shape[2], cache.shape[3]
     hq, splits = heads, split_count(cap)
     chunk = -(-cap // splits)
     traditional, dims, rope_scale, base, freqs = rope if rope is not None else (True, 0, 1.0, 2.0, None)
     log2_base = float(np.log2(np.float32(base or 2.0)))  # as MLX's std::log2 of the float base (unused with freqs)
-    out, kv_new, partial, ml = _kernel(
+    attend = cuda_affine.kernel("mlx_llama_decode_attention", ["q", "k", "v", "cache", "position", "freqs"],
+                                ["out", "kv_new", "partial", "ml"], _SOURCE, HEADER)
+    out, kv_new, partial, ml = attend(
         inputs=[q, k, v, cache, position.reshape(1).astype(mx.int32),
                 freqs if freqs is not None else mx.zeros((1,), mx.float32)],
         template=[("D", d), ("CAP", cap), ("HKV", hkv), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
@@ -292,7 +286,8 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
         output_dtypes=[cache.dtype, cache.dtype, mx.float32, mx.float32],
     )
     if splits > 1:
-        out = _combine(inputs=[partial, ml], template=[("D", d), ("SPLITS", splits), ("OutT", cache.dtype)],
+        combine = cuda_affine.kernel("mlx_llama_decode_attention_combine", ["partial", "ml"], ["out"], _COMBINE, HEADER)
+        out = combine(inputs=[partial, ml], template=[("D", d), ("SPLITS", splits), ("OutT", cache.dtype)],
                        grid=(hq * d, 1, 1), threadgroup=(d, 1, 1), output_shapes=[(1, hq, 1, d)],
                        output_dtypes=[cache.dtype])[0]
     return out, kv_new

@@ -22,6 +22,8 @@ scales (rows, nb, 16) uint8, qs (rows, nb, 64), d and dmin (rows, nb) float16.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from . import cuda_affine
@@ -157,27 +159,21 @@ TARGET_WARPS = 16384
 # warps per block, rows per block of the Q6_K matvec (MLX_LLAMA_Q6_K_TILE="W,R" overrides them)
 Q6_K_WARPS, Q6_K_ROWS = cuda_affine.tile_from_env("MLX_LLAMA_Q6_K_TILE", (1, 4))
 
-_kernels: dict = {}
-
-
 def available() -> bool:
     """True where these kernels can run: MLX's CUDA backend, default device the GPU (see
     `cuda_affine.available`)."""
     return cuda_affine.available()
 
 
+@functools.cache  # the body formatted once per kernel
 def _kernel(kind: str, ggml_type: int):
-    key = (kind, ggml_type)
-    if key not in _kernels:
-        fields = _FIELDS[ggml_type]
-        if kind == "matvec" and ggml_type == Q6_K:
-            body = _Q6_K_MATVEC.format()
-        else:
-            body = (_DEQUANTIZE if kind == "dequantize" else _MATVEC).format(value=_VALUE[ggml_type])
-        inputs = fields if kind == "dequantize" else ["x", *fields]
-        _kernels[key] = mx.fast.cuda_kernel(name=f"mlx_llama_{kind}_{ggml_type}", input_names=inputs, output_names=["out"],
-                                            source=body, header=HEADER)
-    return _kernels[key]
+    fields = _FIELDS[ggml_type]
+    if kind == "matvec" and ggml_type == Q6_K:
+        body = _Q6_K_MATVEC.format()
+    else:
+        body = (_DEQUANTIZE if kind == "dequantize" else _MATVEC).format(value=_VALUE[ggml_type])
+    inputs = fields if kind == "dequantize" else ["x", *fields]
+    return cuda_affine.kernel(f"mlx_llama_{kind}_{ggml_type}", inputs, ["out"], body, HEADER)
 
 
 def dequantize(ggml_type: int, fields: dict, dtype: mx.Dtype) -> mx.array:

@@ -159,9 +159,6 @@ _SOURCE = r"""
     }
 """
 
-_kernel = None
-
-
 def enabled() -> bool:
     """On where measured faster (MLX_LLAMA_AFFINE_MMA=1; off until then)."""
     return os.environ.get("MLX_LLAMA_AFFINE_MMA", "0") == "1"
@@ -176,13 +173,9 @@ def serves(x: mx.array, bits: int, k: int, act: int) -> bool:
 def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, symmetric: bool = False,
            act: int = 0) -> mx.array:
     """x (..., K) one row, float16 → x @ W.T (..., rows) in float16; as `cuda_affine.matvec`."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="mlx_llama_affine_mma", input_names=["x", "w", "scales", "biases"],
-                                      output_names=["out"], source=_SOURCE, header=HEADER)
     rows = w.shape[0]
     k = x.shape[-1] // (2 if act else 1)
-    return _kernel(
+    return cuda_affine.kernel("mlx_llama_affine_mma", ["x", "w", "scales", "biases"], ["out"], _SOURCE, HEADER)(
         inputs=[x.reshape(1, x.shape[-1]), w, scales, biases],
         template=[("K", k), ("ROWS", rows), ("WARPS", WARPS), ("UNROLL", UNROLL), ("SYM", int(symmetric)), ("ACT", act)],
         grid=(-(-rows // 16) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),

@@ -11,12 +11,10 @@ ops' up to the rounding of the sum.
 
 from __future__ import annotations
 
-import struct
-
 import mlx.core as mx
 
 from . import cuda_affine
-from .cuda_attention import HEADER
+from .cuda_attention import HEADER, float_bits
 
 MAX_THREADS = 512  # threads per row: one group of 8 values each up to 4096 values
 _SOURCE = """
@@ -62,9 +60,6 @@ _SOURCE = """
     }
 """
 
-_kernel = None
-
-
 def available() -> bool:
     return cuda_affine.available() and cuda_affine.fused_kernels("norm")
 
@@ -77,16 +72,11 @@ def supported(x: mx.array, delta: mx.array, weight: mx.array) -> bool:
 
 def add_rms_norm(x: mx.array, delta: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
     """(h, y): h = x + delta, y = rms_norm(h, weight, eps), both in x's dtype."""
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="mlx_llama_add_rms_norm", input_names=["x", "delta", "weight"],
-                                      output_names=["h", "y"], source=_SOURCE, header=HEADER)
     n = x.shape[-1]
     rows = x.size // n
     threads = min(MAX_THREADS, -(-n // 256) * 32)  # a multiple of 32, 8 values each
-    eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]
-    h, y = _kernel(
-        inputs=[x, delta, weight], template=[("N", n), ("THREADS", threads), ("EPS_BITS", eps_bits), ("OutT", x.dtype)],
+    h, y = cuda_affine.kernel("mlx_llama_add_rms_norm", ["x", "delta", "weight"], ["h", "y"], _SOURCE, HEADER)(
+        inputs=[x, delta, weight], template=[("N", n), ("THREADS", threads), ("EPS_BITS", float_bits(eps)), ("OutT", x.dtype)],
         grid=(rows * threads, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype],
     )

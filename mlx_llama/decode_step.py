@@ -25,7 +25,7 @@ import weakref
 
 import mlx.core as mx
 
-from .cache import KVCache
+from .cache import KVCache, halves
 from .model import Model, RoPE
 
 
@@ -53,8 +53,7 @@ class Slot:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.write(mx.concatenate([keys, values.astype(keys.dtype)], axis=1))
-        H = self.kv.shape[1] // 2
-        return self.kv[:, :H], self.kv[:, H:]
+        return halves(self.kv)
 
     def write(self, kv: mx.array) -> None:
         """The new token's key and value heads (1, 2 · kv_heads, 1, head_dim) into the buffer at the

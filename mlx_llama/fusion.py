@@ -30,13 +30,13 @@ def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interle
     for group, (parts, fused, flag) in GROUPS.items():
         if getattr(cfg, flag):
             continue
+        alternate = interleave and group == "ffn"
         paths = [[f"blk.{i}.{group}.{p}" for p in parts] for i in range(cfg.num_layers)]
         if not all(_same_form(layer, quantized, blocks, arrays) for layer in paths):
             continue
         for i, layer in enumerate(paths):
             target = f"blk.{i}.{group}.{fused}"
             names = sorted({k[len(layer[0]) + 1:] for k in arrays if k.startswith(layer[0] + ".")})
-            alternate = interleave and group == "ffn"
             stacked = {f"{target}.{n}": _stack([arrays.pop(f"{p}.{n}") for p in layer], alternate) for n in names}
             mx.eval(list(stacked.values()))
             arrays.update(stacked)
@@ -49,7 +49,7 @@ def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interle
                 blocks[target] = form
         biases = tuple(b for b in cfg.biases if b not in parts) + ((fused,) if parts[0] in cfg.biases else ())
         cfg = dataclasses.replace(cfg, biases=biases, **{flag: True})
-        if group == "ffn" and interleave:
+        if alternate:
             cfg = dataclasses.replace(cfg, gate_up_interleaved=True)
     return cfg, list(arrays.items())
 

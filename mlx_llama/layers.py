@@ -29,14 +29,15 @@ def affine_product(x: mx.array, layer: nn.Module) -> mx.array:
     return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=layer.group_size, bits=layer.bits)
 
 
-def affine_matvec(x: mx.array, layer: nn.Module, act: int = 0) -> mx.array:
-    """The CUDA matvec for an affine layer: on tensor cores where `cuda_mma` serves it, else
-    `cuda_affine`'s (act: x is [gate; up], see `cuda_affine.matvec`)."""
+def affine_matvec(x: mx.array, layer: nn.Module, act: int = 0, epilogue: int = 0) -> mx.array:
+    """The CUDA matvec for an affine layer: on tensor cores where `cuda_mma` serves it (no
+    epilogue), else `cuda_affine`'s (act, epilogue: the gated activation as the input is read, or as
+    the products are written; see `cuda_affine.matvec`)."""
     w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     symmetric = getattr(layer, "symmetric", False)
-    if cuda_mma.serves(x, layer.bits, x.shape[-1] // (2 if act else 1), act):
+    if not epilogue and cuda_mma.serves(x, layer.bits, x.shape[-1] // (2 if act else 1), act):
         return cuda_mma.matvec(x, w, scales, biases, symmetric=symmetric, act=act)
-    return cuda_affine.matvec(x, w, scales, biases, layer.bits, symmetric=symmetric, act=act)
+    return cuda_affine.matvec(x, w, scales, biases, layer.bits, symmetric=symmetric, act=act, epilogue=epilogue)
 
 
 def gated_product(layer: nn.Module, a: mx.array, activation: str) -> mx.array | None:
@@ -66,14 +67,14 @@ def gated_rows_product(layer: nn.Module, x: mx.array, activation: str) -> mx.arr
     if (not act or not isinstance(layer, AffineLinear) or not cuda_affine.available() or "bias" in layer
             or x.size // k > cuda_affine.MATVEC_MAX_ROWS or not cuda_affine.supported(layer.bits, layer.group_size, k)):
         return None
-    return cuda_affine.matvec(x, layer["weight"], layer["scales"], layer["biases"], layer.bits,
-                              symmetric=getattr(layer, "symmetric", False), epilogue=act)
+    return affine_matvec(x, layer, epilogue=act)
 
 
 def mark_symmetric(model: nn.Module) -> None:
     """Mark the affine layers whose biases are all −2^(bits−1) · scale (`cuda_affine.is_symmetric`):
-    their CUDA matvec reads the scales alone (a tenth fewer bytes for Q4_0)."""
-    if not fused_kernels("sym"):
+    their CUDA matvec reads the scales alone (a tenth fewer bytes for Q4_0). Only where that
+    matvec runs (an NVIDIA GPU) and the piece is on."""
+    if not cuda_affine.available() or not fused_kernels("sym"):
         return
     for _, m in model.named_modules():
         if isinstance(m, (AffineLinear, QuantizedEmbedding)):

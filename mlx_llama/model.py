@@ -332,8 +332,7 @@ def build_model(
     model = Model(cfg, dtype=dtype, cpu_kernels=uses_cpu_kernels(dtype))
     fill_model(model, weights, quantized=quantized, blocks=blocks)
     model.cpu_dequantized = cpu_dequantized
-    if cuda_attention.available():  # the CUDA matvec's form for Q4_0/Q5_0/Q8_0 layers
-        mark_symmetric(model)
+    mark_symmetric(model)  # the CUDA matvec's form for Q4_0/Q5_0/Q8_0 layers
     return model
 
 

@@ -30,6 +30,7 @@ import io
 import lzma
 import multiprocessing
 import os
+import re
 import struct
 import sys
 import tarfile
@@ -237,7 +238,10 @@ class Recorder:
                     shared_memory=0):
         spec = {"name": name, "input_names": list(input_names), "output_names": list(output_names),
                 "source": source, "header": header}
-        module = sys._getframe(1).f_globals.get("__name__", "")
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "kernel":  # through cuda_affine.kernel, which makes every module's kernels
+            frame = frame.f_back
+        module = frame.f_globals.get("__name__", "")
         return lambda **kw: (self.modules.add(module), self.launch(spec, **kw))[1]
 
     def launch(self, spec, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
@@ -377,7 +381,8 @@ def capture() -> tuple[Recorder, list[str]]:
             except Exception as e:  # noqa: BLE001 - a driver out of date, or the package broken on this path
                 warnings.append(f"WARNING driver failed: {label}: {type(e).__name__}: {str(e).strip()[:300]}")
     for stem in mods:
-        if "cuda_kernel(" in (ROOT / "mlx_llama" / f"{stem}.py").read_text() and f"mlx_llama.{stem}" not in rec.modules:
+        makes = re.search(r'kernel\(f?"mlx_llama_', (ROOT / "mlx_llama" / f"{stem}.py").read_text())
+        if makes and f"mlx_llama.{stem}" not in rec.modules:
             warnings.append(f"WARNING no kernel of mlx_llama/{stem}.py ran: give it a driver in this script")
     return rec, warnings
 

@@ -307,7 +307,7 @@ def _cuda_pieces() -> str:
 
     if not cuda_affine.available():
         return ""
-    pieces = [p for p in ("sym", "norm", "rope", "glu", "act", "inplace") if cuda_affine.fused_kernels(p)]
+    pieces = [p for p in cuda_affine.PIECES if cuda_affine.fused_kernels(p)]
     attention = "CUDA kernel" if cuda_attention.available() else "MLX's"
     matvec = "tensor cores" if cuda_mma.enabled() else "scalar"
     return f" | CUDA: {matvec} matvecs, {attention} attention, fused {','.join(pieces) or 'none'}"
