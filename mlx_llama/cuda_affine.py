@@ -53,6 +53,9 @@ def fused_kernels(piece: str) -> bool:
 
 # warps per block, rows of W per block, groups each thread loads before using them
 WARPS, ROWS_PER_BLOCK, UNROLL = tile_from_env("MLX_LLAMA_AFFINE_TILE", (1, 2, 2))
+# 4-bit groups summed by nibble position, three instructions a weight (`group_dot`); 0: the
+# shift-mask-or form of the other widths (MLX_LLAMA_AFFINE_LEAN=0, for measuring)
+LEAN = os.environ.get("MLX_LLAMA_AFFINE_LEAN", "1") != "0"
 
 HEADER = r"""
 #include <cuda_fp16.h>
@@ -143,6 +146,50 @@ __device__ __forceinline__ float group_value(const uint32_t* q, int j) {
   if (s + BITS > 32) v |= q[w + 1] << (32 - s);
   return __uint_as_float(0x4B000000u | (v & ((1u << BITS) - 1u))) - (8388608.0f + ZERO);
 }
+
+// (a & B) | C in one instruction (the compiler makes two of it when B and C are both constants)
+template <uint32_t B, uint32_t C>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(B), "n"(C));
+  return d;
+}
+
+// d += (q − ZERO) · 16^M · x for nibbles M and M + 4 of a word (lo: the word, hi: the word >> 16;
+// x: the word's 8 activations)
+template <int ZERO, int M>
+__device__ __forceinline__ void nibble_dots(uint32_t lo, uint32_t hi, const float* x, float& d) {
+  constexpr float base = 8388608.0f + float(ZERO << (4 * M));
+  d = fmaf(__uint_as_float(and_or<0xFu << (4 * M), 0x4B000000u>(lo)) - base, x[M], d);
+  d = fmaf(__uint_as_float(and_or<0xFu << (4 * M), 0x4B000000u>(hi)) - base, x[M + 4], d);
+}
+
+// Σ_j (q_j − ZERO) · x_j over one group. 4 bits: nibble m of a word (m < 4) or of the word shifted
+// right 16 (nibbles 4..7) is masked in place, at bits 4m..4m+3, into the float 2^23 + q · 16^m
+// (one instruction), and 2^23 + ZERO · 16^m subtracted: (q − ZERO) · 16^m, exact; those products
+// are summed per m and the sums scaled by 16^−m (exact powers of two) — three instructions a
+// weight where the shift-mask-or form takes five; the same products, summed in another order.
+template <int BITS, int ZERO, int LEAN>
+__device__ __forceinline__ float group_dot(const uint32_t* q, const float* xv) {
+  float dot = 0.0f;
+  if constexpr (BITS == 4 && LEAN) {
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t lo = q[w], hi = q[w] >> 16;
+#pragma unroll
+      nibble_dots<ZERO, 0>(lo, hi, xv + 8 * w, d[0]);
+      nibble_dots<ZERO, 1>(lo, hi, xv + 8 * w, d[1]);
+      nibble_dots<ZERO, 2>(lo, hi, xv + 8 * w, d[2]);
+      nibble_dots<ZERO, 3>(lo, hi, xv + 8 * w, d[3]);
+    }
+    dot = fmaf(d[3], 1.0f / 4096.0f, fmaf(d[2], 1.0f / 256.0f, fmaf(d[1], 1.0f / 16.0f, d[0])));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) dot = fmaf(group_value<BITS, ZERO>(q, j), xv[j], dot);
+  }
+  return dot;
+}
 """
 
 _MATVEC = r"""
@@ -193,9 +240,7 @@ _MATVEC = r"""
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     constexpr int ZERO = SYM ? 1 << (BITS - 1) : 0;
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 32; ++j) dot = fmaf(group_value<BITS, ZERO>(q[u][r], j), xv[j], dot);
+                    const float dot = group_dot<BITS, ZERO, LEAN>(q[u][r], xv);
                     if constexpr (SYM) acc[t][r] += s[u][r] * dot;
                     else acc[t][r] += fmaf(s[u][r], dot, b[u][r] * xs);
                 }
@@ -280,7 +325,8 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     return kernel("mlx_llama_affine_matvec", ["x", "w", "scales", "biases"], ["out"], _MATVEC)(
         inputs=[x.reshape(nt, x.shape[-1]), w, scales, biases],
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
-                  ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("OutT", x.dtype)],
+                  ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("LEAN", int(LEAN)),
+                  ("OutT", x.dtype)],
         grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(nt, n_out)], output_dtypes=[x.dtype],
     )[0].reshape(*lead, n_out)

@@ -12,7 +12,7 @@ the ffn_down layers, Q4_K elsewhere). Then, in one process each and one after th
 and prints one table with ratios to llama.cpp. A check runs first (--check): the logits of a
 2-layer file on the GPU against the float32 CPU model with the same compact weights.
 
-    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline] [--op-by-op] [--unfused] [--ahead] [--opt-in]
+    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline] [--op-by-op] [--unfused] [--ahead] [--opt-in] [--row 'NAME;VAR=VALUE;…']
 """
 
 from __future__ import annotations
@@ -207,6 +207,8 @@ def main(argv=None) -> int:
                     "(MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace)")
     ap.add_argument("--unfused", action="store_true", help="also mlx_llama with the fused decode kernels off "
                     "(MLX_LLAMA_CUDA_FUSE=none: MLX's add, norm, RoPE and activation; biases read)")
+    ap.add_argument("--row", action="append", default=[], metavar="NAME;VAR=VALUE;…",
+                    help="also mlx_llama with these environment variables (repeatable)")
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--vocab-from", default=os.path.join(HERE, "..", "tests", ".cache", "vocab", "ggml-vocab-llama-spm.gguf"))
     args = ap.parse_args(argv)
@@ -223,6 +225,9 @@ def main(argv=None) -> int:
     variants += [("mlx_llama, fused decode kernels off", {"MLX_LLAMA_CUDA_FUSE": "none"})] if args.unfused else []
     variants += [("mlx_llama, + act, inplace", {"MLX_LLAMA_CUDA_FUSE": "sym,norm,rope,act,inplace"})] if args.opt_in else []
     variants += [("mlx_llama, 2 decode steps queued ahead", {"MLX_LLAMA_DECODE_AHEAD": "2"})] if args.ahead else []
+    for spec in args.row:
+        name, *pairs = spec.split(";")
+        variants.append((name, dict(pair.split("=", 1) for pair in pairs)))
     for name, env in variants:
         r = {recipe: or_error("mlx_llama_worker", paths[recipe, args.layers], args.reps, env=env) for recipe in RECIPES}
         rows.append((name, r))

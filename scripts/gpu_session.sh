@@ -4,6 +4,8 @@
 #            the CUDA kernel tests, the kernels' speed, the 7B files made, where a token's time
 #            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
+#   d1, d2: as c1 and c2, the tests in 6 processes, the table with rows for act + inplace, 2 steps
+#            ahead and one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER)
 #   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
 #            compiled; the table with the opt-in pieces' and the two-ahead rows); long (after c1):
 #            2000 positions cached, the attention split or not; explore: c1 without llama-bench;
@@ -32,14 +34,16 @@ ncu_token() {  # kernels per decoded token and their GPU time (profile_decode.py
       python3 scripts/profile_decode.py "$Q40" --ncu --ncu-steps 2 "$@" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
   python3 scripts/profile_decode.py --parse "$OUT/ncu.csv" --ncu-steps 2 2>&1 | tee "$OUT/ncu_summary.txt"
 }
+failed() { grep -q "$1.* FAILED\|FAILED.*$1" "$2"; }  # a test whose name matches $1 failed in log $2
 fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose GPU tests failed
   # (pytest -v lines, "tests/…::test_name[…] FAILED"; read as far as the run got)
+  # (either order: pytest -v "name FAILED", xdist and the summary "FAILED name")
   local pieces=sym,norm,rope
-  grep -q "symmetric.* FAILED" "$1" && pieces=${pieces/sym,/}
-  grep -q "add_rms_norm.* FAILED" "$1" && pieces=${pieces/norm,/}
-  grep -q "\(decode_attention\|test_decode_step\).* FAILED" "$1" && pieces=${pieces/rope/}
+  failed "symmetric" "$1" && pieces=${pieces/sym,/}
+  failed "add_rms_norm" "$1" && pieces=${pieces/norm,/}
+  failed "\(decode_attention\|test_decode_step\)" "$1" && pieces=${pieces/rope/}
   echo "export MLX_LLAMA_CUDA_FUSE=${pieces%,}"
-  grep -q "decode_attention_equals_mlx_attention\[none.* FAILED" "$1" && echo "export MLX_LLAMA_CUDA_ATTENTION=0"
+  failed "decode_attention_equals_mlx_attention\[none" "$1" && echo "export MLX_LLAMA_CUDA_ATTENTION=0"
   true
 }
 wait_llama_bench() {  # up to $1 × 5 s for the background build
@@ -47,7 +51,49 @@ wait_llama_bench() {  # up to $1 × 5 s for the background build
   tail -1 /root/llama.cpp/build.log
 }
 
-if [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
+if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdist from .gpuwork/whl), matvec forms, files
+  step setup
+  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  offline_vocab
+  make_files 300 > "$OUT/make_files.txt" 2>&1 &
+  files=$!
+  step "GPU tests, 6 processes (the tensor-core matvec's left out: it is off)"
+  timeout 240 python3 -m pytest -v -n 6 -p no:cacheprovider -k "not mma" tests/test_cuda_kernels.py tests/test_decode_step.py \
+      > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
+  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
+  failed "\(epilogue\|in_place\|fused_cuda_pieces\)" "$OUT/gpu_tests.txt" || touch /root/stash/optin.ok
+  step "matvec forms and tilings, compiled graphs"
+  timeout 150 python3 scripts/check_mma.py /root/stash/mma.env 2>&1 | tee "$OUT/mma.txt"
+  sed -i 's/MLX_LLAMA_AFFINE_MMA=1/MLX_LLAMA_AFFINE_MMA=0/' /root/stash/mma.env  # the scalar kernel's tiling only
+  cat /root/stash/mma.env >> /root/stash/attn.env; cat /root/stash/attn.env
+  step "7B files"
+  wait $files; cat "$OUT/make_files.txt"
+  source /root/stash/attn.env
+  [ -f /root/stash/optin.ok ] && export MLX_LLAMA_CUDA_FUSE=$MLX_LLAMA_CUDA_FUSE,act,inplace
+  step "a token's time, 128 cached, compiled, pieces $MLX_LLAMA_CUDA_FUSE"
+  timeout 80 python3 scripts/profile_decode.py "$Q40" --context 128 --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
+  step "kernels per token under Nsight Compute"
+  ncu_token 80 --compiled --context 128
+  tail -1 /root/llama.cpp/build.log
+elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for the opt-in pieces and MLX's graph size
+  source /root/stash/env.sh
+  cat /root/stash/attn.env && source /root/stash/attn.env
+  step "wait for llama-bench"
+  wait_llama_bench 60
+  step "end to end"
+  rows=()
+  if [ -f /root/stash/optin.ok ]; then
+    f=$MLX_LLAMA_CUDA_FUSE,act,inplace
+    rows=(--row "mlx_llama, + act, inplace;MLX_LLAMA_CUDA_FUSE=$f"
+          --row "mlx_llama, + act, inplace, 2 steps ahead;MLX_LLAMA_CUDA_FUSE=$f;MLX_LLAMA_DECODE_AHEAD=2"
+          --row "mlx_llama, + act, inplace, one CUDA graph a step;MLX_LLAMA_CUDA_FUSE=$f;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000")
+  fi
+  timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
+      --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
