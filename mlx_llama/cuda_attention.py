@@ -13,13 +13,15 @@ new key and value are used from shared memory, and they are an output as the cac
 
 * one block of THREADS threads per query head (a key/value head serves its group of query
   heads: GQA);
-* scores: thread i takes positions i, i + THREADS, …: each a whole dot product q · k over the
-  head's dimensions, the key row read 16 bytes at a time (4 loads in flight),
-  q (scaled) from shared memory; the scores kept in shared memory (`MAX_POSITIONS` of them);
+* rows: D / 8 threads per key or value row (8 dimensions each, one 16-byte load: coalesced
+  rows), THREADS / (D / 8) rows at a time, 4 such rounds loaded before any is used; the first
+  keys and values (128 positions for D = 128) are loaded first of all, while the new token's
+  q, k, v are read and rotated, so that a short context costs about one memory latency;
+* scores: each row's partial dot products summed across its threads with shuffles, kept in
+  shared memory (`MAX_POSITIONS` of them);
 * softmax in float32: the block's maximum and sum (warp shuffles, then across warps);
-* output: D / 8 threads per value row (8 dimensions each, one 16-byte load: coalesced rows),
-  G = THREADS / (D / 8) rows at a time; the G partial sums added in shared memory and divided by
-  the softmax sum once.
+* output: each thread's 8 dimensions of its rows, weighted; the rows' partial sums added in shared
+  memory and divided by the softmax sum once.
 
 With MLX_LLAMA_ATTENTION_SPLIT_FROM=N (opt-in, unmeasured), buffers of N positions or more are cut
 into chunks of CHUNK positions, a block per head and chunk (one block per head leaves most of a
@@ -85,9 +87,13 @@ _SOURCE = """
     // the cache stores them (written by one block per key/value head). With SPLITS > 1 each head's
     // positions are cut into SPLITS chunks of CHUNK, a block each: it writes its unnormalised sum
     // (partial) and its maximum and exp-sum (ml), and `_COMBINE` makes `out`.
-    constexpr int WARPS = THREADS / 32, VEC = 8, LANES = D / VEC, G = THREADS / LANES;
+    // Rows: LP threads per key or value row (LANES of them active, 8 dimensions each, one 16-byte
+    // load), RPR rows at a time, U rounds of them loaded before any is used (SPAN positions).
+    constexpr int WARPS = THREADS / 32, VEC = 8, LANES = D / VEC;
+    constexpr int LP = LANES <= 1 ? 1 : LANES <= 2 ? 2 : LANES <= 4 ? 4 : LANES <= 8 ? 8 : LANES <= 16 ? 16 : 32;
+    constexpr int RPR = THREADS / LP, U = 4, SPAN = RPR * U;
     __shared__ float score[CHUNK];
-    __shared__ float vpart[G * D];
+    __shared__ float vpart[RPR * D];
     __shared__ float qs[D], kn[D], vn[D];
     __shared__ float wred[WARPS];
     const int head = blockIdx.x / SPLITS, split = blockIdx.x % SPLITS, kv = head / GROUP;
@@ -95,6 +101,19 @@ _SOURCE = """
     const int pos = position[0], n = pos + 1;
     const int first = (WINDOW > 0 && n > WINDOW ? n - WINDOW : 0) + split * CHUNK;  // this block's positions
     const int count = max(0, min(n - first, CHUNK));
+    const int64_t base = (int64_t(kv) * CAP + first) * D, vbase = (int64_t(HKV + kv) * CAP + first) * D;
+    const int c = tid % LP, r = tid / LP;  // this thread's 8 dimensions (c < LANES) and row slot
+    const bool active = c < LANES;
+    // the first SPAN keys and values, loaded while the new token's are read and rotated
+    float kr[U][VEC], vr[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = r + RPR * u;
+        if (active && i < count && first + i != pos) {
+            load8(cache + base + int64_t(i) * D + c * VEC, kr[u]);
+            load8(cache + vbase + int64_t(i) * D + c * VEC, vr[u]);
+        }
+    }
     for (int d = tid; d < D; d += THREADS) {
         qs[d] = static_cast<float>(q[Q_OFF + int64_t(head) * D + d]);
         kn[d] = static_cast<float>(k[K_OFF + int64_t(kv) * D + d]);
@@ -135,26 +154,39 @@ _SOURCE = """
         qs[d] *= scale;
     }
     __syncthreads();
-    const int64_t base = (int64_t(kv) * CAP + first) * D, vbase = (int64_t(HKV + kv) * CAP + first) * D;
-    // scores: a thread per position; the new token's key from shared memory
-    float local_max = __int_as_float(0xff800000);  // -inf
-    for (int i = tid; i < count; i += THREADS) {
-        float s = 0.0f;
-        if (first + i == pos) {
-            for (int c = 0; c < D; ++c) s += qs[c] * kn[c];
-        } else {
-            const auto* row = cache + base + int64_t(i) * D;
-#pragma unroll 4
-            for (int c = 0; c < D; c += VEC) {  // 4 loads in flight: registers for THREADS threads
-                float kv8[VEC];
-                load8(row + c, kv8);
+    float qv[VEC];  // this thread's 8 dimensions of q (scaled)
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) s += qs[c + j] * kv8[j];
+    for (int j = 0; j < VEC; ++j) qv[j] = active ? qs[c * VEC + j] : 0.0f;
+    // scores: each row's dot product summed over its LP threads (shuffles within the warp)
+    for (int i0 = 0; i0 < count; i0 += SPAN) {
+        if (i0 > 0) {  // rounds after the first: load, then use
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = i0 + r + RPR * u;
+                if (active && i < count && first + i != pos) load8(cache + base + int64_t(i) * D + c * VEC, kr[u]);
             }
         }
-        score[i] = s;
-        local_max = fmaxf(local_max, s);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + r + RPR * u;
+            float s = 0.0f;
+            if (active && i < count) {
+                if (first + i == pos) {
+#pragma unroll
+                    for (int j = 0; j < VEC; ++j) s += qv[j] * kn[c * VEC + j];
+                } else {
+#pragma unroll
+                    for (int j = 0; j < VEC; ++j) s += qv[j] * kr[u][j];
+                }
+            }
+#pragma unroll
+            for (int o = LP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+            if (c == 0 && i < count) score[i] = s;
+        }
     }
+    __syncthreads();
+    float local_max = __int_as_float(0xff800000);  // -inf
+    for (int i = tid; i < count; i += THREADS) local_max = fmaxf(local_max, score[i]);
     local_max = warp_max(local_max);
     if (lane == 0) wred[warp] = local_max;
     __syncthreads();
@@ -173,31 +205,41 @@ _SOURCE = """
     __syncthreads();
     float l = 0.0f;
     for (int w = 0; w < WARPS; ++w) l += wred[w];
-    // the weighted sum of the values: LANES threads per row, G rows at a time
-    const int c = (tid % LANES) * VEC, g = tid / LANES;
-    if (g < G) {
-        float acc[VEC];
+    // the weighted sum of the values: the first SPAN rows from registers, the rest loaded
+    float acc[VEC];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
-        for (int i = g; i < count; i += G) {
-            const float w = score[i];
-            float v8[VEC];
-            if (first + i == pos) {
+    for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
+    for (int i0 = 0; i0 < count; i0 += SPAN) {
+        if (i0 > 0) {
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) v8[j] = vn[c + j];
-            } else {
-                load8(cache + vbase + int64_t(i) * D + c, v8);
+            for (int u = 0; u < U; ++u) {
+                const int i = i0 + r + RPR * u;
+                if (active && i < count && first + i != pos) load8(cache + vbase + int64_t(i) * D + c * VEC, vr[u]);
             }
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[j] += w * v8[j];
         }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) vpart[g * D + c + j] = acc[j];
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + r + RPR * u;
+            if (active && i < count) {
+                const float w = score[i];
+                if (first + i == pos) {
+#pragma unroll
+                    for (int j = 0; j < VEC; ++j) acc[j] += w * vn[c * VEC + j];
+                } else {
+#pragma unroll
+                    for (int j = 0; j < VEC; ++j) acc[j] += w * vr[u][j];
+                }
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) vpart[r * D + c * VEC + j] = acc[j];
     }
     __syncthreads();
     for (int d = tid; d < D; d += THREADS) {
         float o = 0.0f;
-        for (int w = 0; w < G; ++w) o += vpart[w * D + d];
+        for (int w = 0; w < RPR; ++w) o += vpart[w * D + d];
         if constexpr (SPLITS == 1) out[int64_t(head) * D + d] = static_cast<OutT>(o / l);
         else partial[int64_t(blockIdx.x) * D + d] = o;
     }

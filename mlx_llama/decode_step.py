@@ -90,15 +90,22 @@ class CompiledDecoder:
             return (logits, *[s.kv for s in slots])
 
         self.step = mx.compile(trace)
+        self.last: mx.array | None = None  # the last step's logits
 
     def __call__(self, y: mx.array, cache: list[KVCache]) -> mx.array:
         """y: the last token (1,) int32 → the next logits (1, vocab); the cache advances by one."""
         for c in cache:
+            if c.offset + 1 > c.kv.shape[2] and self.last is not None:
+                # growing copies the buffer: after the last step's kernels, which may have written
+                # its last row behind MLX's back (the "inplace" attention), also where several steps
+                # are evaluated together
+                c.kv = mx.depends([c.kv], [self.last])[0]
             c.reserve(1)
         out = self.step(y[None], mx.array(cache[0].offset, mx.int32), *[c.kv for c in cache])
         for c, kv in zip(cache, out[1:]):  # the only references to the new buffers: the next step updates them in place
             c.kv = kv
             c.offset += 1
+        self.last = out[0]
         return out[0]
 
 

@@ -41,7 +41,7 @@ fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose G
   local pieces=sym,norm,rope
   failed "symmetric" "$1" && pieces=${pieces/sym,/}
   failed "add_rms_norm" "$1" && pieces=${pieces/norm,/}
-  failed "\(decode_attention\|test_decode_step\)" "$1" && pieces=${pieces/rope/}
+  failed "\(decode_attention\|fused_cuda_pieces.*-sym,norm,rope\]\)" "$1" && pieces=${pieces/rope/}
   echo "export MLX_LLAMA_CUDA_FUSE=${pieces%,}"
   failed "decode_attention_equals_mlx_attention\[none" "$1" && echo "export MLX_LLAMA_CUDA_ATTENTION=0"
   true
@@ -51,7 +51,7 @@ wait_llama_bench() {  # up to $1 × 5 s for the background build
   tail -1 /root/llama.cpp/build.log
 }
 
-if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdist from .gpuwork/whl), matvec forms, files
+if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdist from .gpuwork/whl), files, a token's time
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
@@ -59,20 +59,20 @@ if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdis
   offline_vocab
   make_files 300 > "$OUT/make_files.txt" 2>&1 &
   files=$!
-  step "GPU tests, 6 processes (the tensor-core matvec's left out: it is off)"
-  timeout 240 python3 -m pytest -v -n 6 -p no:cacheprovider -k "not mma" tests/test_cuda_kernels.py tests/test_decode_step.py \
+  step "GPU tests, 8 processes (the tensor-core matvec's left out: it is off)"
+  timeout 240 python3 -m pytest -v -n 8 -p no:cacheprovider -k "not mma" tests/test_cuda_kernels.py tests/test_decode_step.py \
       > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
-  failed "\(epilogue\|in_place\|fused_cuda_pieces\)" "$OUT/gpu_tests.txt" || touch /root/stash/optin.ok
-  step "matvec forms and tilings, compiled graphs"
-  timeout 150 python3 scripts/check_mma.py /root/stash/mma.env 2>&1 | tee "$OUT/mma.txt"
-  sed -i 's/MLX_LLAMA_AFFINE_MMA=1/MLX_LLAMA_AFFINE_MMA=0/' /root/stash/mma.env  # the scalar kernel's tiling only
-  cat /root/stash/mma.env >> /root/stash/attn.env; cat /root/stash/attn.env
+  opt=""  # the opt-in pieces whose tests passed: act (epilogue), inplace
+  failed "\(epilogue\|fused_cuda_pieces.*-sym,norm,rope,act\]\)" "$OUT/gpu_tests.txt" || opt=$opt,act
+  failed "\(in_place\|fused_cuda_pieces.*-sym,norm,rope,inplace\]\)" "$OUT/gpu_tests.txt" || opt=$opt,inplace
+  [ "$opt" = ",act,inplace" ] && failed "fused_cuda_pieces.*-sym,norm,rope,act,inplace\]" "$OUT/gpu_tests.txt" && opt=,act
+  echo "export OPT_PIECES=$opt" | tee -a /root/stash/attn.env
   step "7B files"
   wait $files; cat "$OUT/make_files.txt"
   source /root/stash/attn.env
-  [ -f /root/stash/optin.ok ] && export MLX_LLAMA_CUDA_FUSE=$MLX_LLAMA_CUDA_FUSE,act,inplace
+  export MLX_LLAMA_CUDA_FUSE=$MLX_LLAMA_CUDA_FUSE$OPT_PIECES
   step "a token's time, 128 cached, compiled, pieces $MLX_LLAMA_CUDA_FUSE"
   timeout 80 python3 scripts/profile_decode.py "$Q40" --context 128 --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
   step "kernels per token under Nsight Compute"
@@ -85,11 +85,11 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for the
   wait_llama_bench 60
   step "end to end"
   rows=()
-  if [ -f /root/stash/optin.ok ]; then
-    f=$MLX_LLAMA_CUDA_FUSE,act,inplace
-    rows=(--row "mlx_llama, + act, inplace;MLX_LLAMA_CUDA_FUSE=$f"
-          --row "mlx_llama, + act, inplace, 2 steps ahead;MLX_LLAMA_CUDA_FUSE=$f;MLX_LLAMA_DECODE_AHEAD=2"
-          --row "mlx_llama, + act, inplace, one CUDA graph a step;MLX_LLAMA_CUDA_FUSE=$f;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000")
+  if [ -n "$OPT_PIECES" ]; then
+    f=$MLX_LLAMA_CUDA_FUSE$OPT_PIECES
+    rows=(--row "mlx_llama, + ${OPT_PIECES#,};MLX_LLAMA_CUDA_FUSE=$f"
+          --row "mlx_llama, + ${OPT_PIECES#,}, 2 steps ahead;MLX_LLAMA_CUDA_FUSE=$f;MLX_LLAMA_DECODE_AHEAD=2"
+          --row "mlx_llama, + ${OPT_PIECES#,}, one CUDA graph a step;MLX_LLAMA_CUDA_FUSE=$f;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000")
   fi
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"

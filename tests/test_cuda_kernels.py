@@ -291,7 +291,8 @@ def test_affine_matvec_symmetric_form(bits, dtype):
         # float32 error scales with those sums; the symmetric form's with Σ |w·x|
         s64 = np.repeat(np.array(scales.astype(mx.float32)).astype(np.float64), 32, axis=1)
         scale_general = (s64 * 2 ** bits) @ np.abs(x64).T
-        assert (np.abs(general - want) <= 1e-6 * scale_general.T).all()
+        # (measured on an H200: up to 3.5e-6 of it, K = 4096; float32's epsilon is 6e-8)
+        assert (np.abs(general - want) <= 1e-5 * scale_general.T).all()
         assert np.abs(got - want).max() <= 2e-6 * k ** 0.5 * np.abs(want).max()
     else:  # the output's float16 rounding
         for out in (general, got):
@@ -315,6 +316,8 @@ def test_gated_matvecs_equal_the_activation_then_the_product(activation, dtype):
     act = cuda_affine.ACTIVATIONS[activation]
     wq, scales, biases, _ = affine_weights(80, k, 4, seed=2)
     fields = random_fields(quants.Q6_K, 40, k // 256, seed=1)
+    if dtype == mx.float16:  # Q6_K's random blocks hold values up to 4e4: products beyond float16's range
+        fields = dict(fields, d=fields["d"] / 1024)
     pairs = [(cuda_affine.matvec(a, wq, scales, biases, 4, act=act), cuda_affine.matvec(glu, wq, scales, biases, 4)),
              (cuda_kernels.block_matvec(a, quants.Q6_K, fields, act=act), cuda_kernels.block_matvec(glu, quants.Q6_K, fields))]
     tol = 2e-3 if dtype == mx.float16 else 1e-5

@@ -64,7 +64,8 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
 
 
 @pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
-@pytest.mark.parametrize("pieces", ["none", "sym,norm,rope,act,inplace", "sym,norm,rope,glu"])
+@pytest.mark.parametrize("pieces", ["none", "sym,norm,rope", "sym,norm,rope,act", "sym,norm,rope,inplace",
+                                    "sym,norm,rope,act,inplace", "sym,norm,rope,glu"])
 @pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3"])
 def test_fused_cuda_pieces_equal_the_model_op_by_op(pieces, name, tiny_gguf, small_steps, monkeypatch):
     """On an NVIDIA GPU, each set of fused decode kernels (MLX_LLAMA_CUDA_FUSE, read at load and
