@@ -97,9 +97,10 @@ class CompiledDecoder:
         for c in cache:
             if c.offset + 1 > c.kv.shape[2] and self.last is not None:
                 # growing copies the buffer: after the last step's kernels, which may have written
-                # its last row behind MLX's back (the "inplace" attention), also where several steps
-                # are evaluated together
-                c.kv = mx.depends([c.kv], [self.last])[0]
+                # its last row behind MLX's back (the "inplace" attention). MLX orders a CUDA
+                # graph's kernels by the buffers they declare (mx.depends adds no such edge), and
+                # graphs in the order they are submitted: the steps so far go to the GPU first
+                mx.async_eval(self.last)
             c.reserve(1)
         out = self.step(y[None], mx.array(cache[0].offset, mx.int32), *[c.kv for c in cache])
         for c, kv in zip(cache, out[1:]):  # the only references to the new buffers: the next step updates them in place

@@ -4,8 +4,9 @@
 #            the CUDA kernel tests, the kernels' speed, the 7B files made, where a token's time
 #            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
-#   d1, d2: as c1 and c2, the tests in 6 processes, the table with rows for act + inplace, 2 steps
-#            ahead and one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER)
+#   d1, d2: as c1 and c2, the tests in 8 processes; the table (defaults, llama-bench, mlx-lm first),
+#            then rows for 2 steps ahead, one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER) and
+#            inplace where its tests passed, on Q4_0
 #   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
 #            compiled; the table with the opt-in pieces' and the two-ahead rows); long (after c1):
 #            2000 positions cached, the attention split or not; explore: c1 without llama-bench;
@@ -38,8 +39,9 @@ failed() { grep -q "$1.* FAILED\|FAILED.*$1" "$2"; }  # a test whose name matche
 fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose GPU tests failed
   # (pytest -v lines, "tests/…::test_name[…] FAILED"; read as far as the run got)
   # (either order: pytest -v "name FAILED", xdist and the summary "FAILED name")
-  local pieces=sym,norm,rope
+  local pieces=sym,norm,rope,act
   failed "symmetric" "$1" && pieces=${pieces/sym,/}
+  failed "\(epilogue\|fused_cuda_pieces.*-sym,norm,rope,act\]\)" "$1" && pieces=${pieces/,act/}
   failed "add_rms_norm" "$1" && pieces=${pieces/norm,/}
   failed "\(decode_attention\|fused_cuda_pieces.*-sym,norm,rope\]\)" "$1" && pieces=${pieces/rope/}
   echo "export MLX_LLAMA_CUDA_FUSE=${pieces%,}"
@@ -64,10 +66,9 @@ if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdis
       > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
-  opt=""  # the opt-in pieces whose tests passed: act (epilogue), inplace
-  failed "\(epilogue\|fused_cuda_pieces.*-sym,norm,rope,act\]\)" "$OUT/gpu_tests.txt" || opt=$opt,act
-  failed "\(in_place\|fused_cuda_pieces.*-sym,norm,rope,inplace\]\)" "$OUT/gpu_tests.txt" || opt=$opt,inplace
-  [ "$opt" = ",act,inplace" ] && failed "fused_cuda_pieces.*-sym,norm,rope,act,inplace\]" "$OUT/gpu_tests.txt" && opt=,act
+  opt=""  # the opt-in piece inplace, where its tests passed
+  failed "\(in_place\|fused_cuda_pieces.*-sym,norm,rope,inplace\]\|fused_cuda_pieces.*-sym,norm,rope,act,inplace\]\)" \
+      "$OUT/gpu_tests.txt" || opt=,inplace
   echo "export OPT_PIECES=$opt" | tee -a /root/stash/attn.env
   step "7B files"
   wait $files; cat "$OUT/make_files.txt"
@@ -77,6 +78,13 @@ if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdis
   timeout 80 python3 scripts/profile_decode.py "$Q40" --context 128 --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
   step "kernels per token under Nsight Compute"
   ncu_token 80 --compiled --context 128
+  step "the attention and add+norm kernels in detail (Nsight Compute sections), while llama-bench builds"
+  for k in decode_attention add_rms_norm; do
+    timeout 90 ncu -k regex:$k -c 1 --clock-control none --profile-from-start off --section SpeedOfLight \
+        --section LaunchStats --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 scripts/profile_decode.py "$Q40" --ncu --ncu-steps 1 --compiled --context 128 > "$OUT/ncu_$k.txt" 2>&1
+    grep -E "Duration|Throughput|Registers|Achieved Occupancy|Stall|Warp Cycles|Block Size|Shared Memory Config" "$OUT/ncu_$k.txt" | head -30
+  done
   tail -1 /root/llama.cpp/build.log
 elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for the opt-in pieces and MLX's graph size
   source /root/stash/env.sh
@@ -84,13 +92,9 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for the
   step "wait for llama-bench"
   wait_llama_bench 60
   step "end to end"
-  rows=()
-  if [ -n "$OPT_PIECES" ]; then
-    f=$MLX_LLAMA_CUDA_FUSE$OPT_PIECES
-    rows=(--row "mlx_llama, + ${OPT_PIECES#,};MLX_LLAMA_CUDA_FUSE=$f"
-          --row "mlx_llama, + ${OPT_PIECES#,}, 2 steps ahead;MLX_LLAMA_CUDA_FUSE=$f;MLX_LLAMA_DECODE_AHEAD=2"
-          --row "mlx_llama, + ${OPT_PIECES#,}, one CUDA graph a step;MLX_LLAMA_CUDA_FUSE=$f;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000")
-  fi
+  rows=(--row "mlx_llama, 2 steps ahead;MLX_LLAMA_DECODE_AHEAD=2"
+        --row "mlx_llama, one CUDA graph a step;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000")
+  [ -n "$OPT_PIECES" ] && rows+=(--row "mlx_llama, + ${OPT_PIECES#,};MLX_LLAMA_CUDA_FUSE=$MLX_LLAMA_CUDA_FUSE$OPT_PIECES")
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
