@@ -149,6 +149,22 @@ elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of ml
 import json, bench_gpu
 print('mlx_llama', json.dumps(bench_gpu.in_child('mlx_llama_worker', '$Q40', 2)), flush=True)
 print('mlx-lm g32', json.dumps(bench_gpu.in_child('mlx_lm_worker', 32, 2)), flush=True)"
+elif [ "${1:-1}" = mini2 ]; then  # after stash, ~3 minutes: the in-place pieces' GPU tests, then Q4_0 tg128 with and without
+  step setup
+  source .gpu2/setup.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
+  offline_vocab
+  make_q40 100 > "$OUT/make_q40.txt" 2>&1 &
+  files=$!
+  step "GPU tests: inplace, the symmetric form"
+  timeout 100 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
+      -k "inplace or in_place or symmetric_form" 2>&1 | tee "$OUT/gpu_tests.txt" | grep -E "FAILED|passed|failed"
+  wait $files
+  step "Q4_0 tg128, pieces sym,norm,rope,act, then + inplace, 2 repetitions each"
+  cd scripts && timeout 120 python3 -c "
+import json, bench_gpu
+for name, env in [('defaults', {}), ('+ inplace', {'MLX_LLAMA_CUDA_FUSE': 'sym,norm,rope,act,inplace'})]:
+    print(name, json.dumps(bench_gpu.in_child('mlx_llama_worker', '$Q40', 2, env=env)), flush=True)" 2>&1 | tee "$OUT/mini.txt"
 elif [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
   step setup
   source .gpu2/setup.sh
