@@ -38,7 +38,7 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
 
 
 PIECES = ("sym", "norm", "rope", "glu", "act", "inplace")  # the fused decode pieces, as `fused_kernels` names them
-FUSED_DEFAULT = "sym,norm,rope,act"  # measured on an H200 (BENCHMARKS.md); "glu", "inplace" are opt-in
+FUSED_DEFAULT = "sym,norm,rope,act,inplace"  # measured on an H200 (BENCHMARKS.md); "glu" is opt-in
 
 
 def fused_kernels(piece: str) -> bool:

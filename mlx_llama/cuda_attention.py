@@ -6,10 +6,10 @@ take no mask array, so it runs as matmul, mask, softmax, matmul (~24 µs per lay
 640 positions). This kernel reads the position from the device and touches only the keys and
 values written so far (or the sliding window's). It also takes the new token's query, key and
 value as the projection made them: RoPE (MLX's arithmetic) is applied to q and k inside it, the
-new key and value are used from shared memory, and they are an output as the cache holds them
-(`KVCache.kv`: keys, then values), which the step then writes into the cache with one scatter
-(three kernels per layer fewer than MLX's RoPE of q and of k and two writes;
-`MLX_LLAMA_CUDA_FUSE` without "rope" leaves RoPE to MLX):
+new key and value are used from shared memory, written by the kernel into the cache buffer's row
+(`KVCache.kv`: keys, then values; `MLX_LLAMA_CUDA_FUSE` without "inplace": returned, and the step
+writes them with a scatter) — four kernels per layer fewer than MLX's RoPE of q and of k and two
+writes (`MLX_LLAMA_CUDA_FUSE` without "rope" leaves RoPE to MLX):
 
 * one block of THREADS threads per query head (a key/value head serves its group of query
   heads: GQA);

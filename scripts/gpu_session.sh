@@ -6,7 +6,7 @@
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
 #   d1, d2: as c1 and c2, the tests in 8 processes; the table (defaults, llama-bench, mlx-lm first),
 #            then rows for 2 steps ahead, one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER) and
-#            inplace where its tests passed, on Q4_0
+#            without inplace, on Q4_0
 #   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
 #            compiled; the table with the opt-in pieces' and the two-ahead rows); long (after c1):
 #            2000 positions cached, the attention split or not; explore: c1 without llama-bench;
@@ -39,7 +39,8 @@ failed() { grep -q "$1.* FAILED\|FAILED.*$1" "$2"; }  # a test whose name matche
 fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose GPU tests failed
   # (pytest -v lines, "tests/…::test_name[…] FAILED"; read as far as the run got)
   # (either order: pytest -v "name FAILED", xdist and the summary "FAILED name")
-  local pieces=sym,norm,rope,act
+  local pieces=sym,norm,rope,act,inplace
+  failed "\(in_place\|fused_cuda_pieces.*inplace\]\)" "$1" && pieces=${pieces/,inplace/}
   failed "symmetric" "$1" && pieces=${pieces/sym,/}
   failed "\(epilogue\|fused_cuda_pieces.*-sym,norm,rope,act\]\)" "$1" && pieces=${pieces/,act/}
   failed "add_rms_norm" "$1" && pieces=${pieces/norm,/}
@@ -66,14 +67,9 @@ if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdis
       > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
-  opt=""  # the opt-in piece inplace, where its tests passed
-  failed "\(in_place\|fused_cuda_pieces.*-sym,norm,rope,inplace\]\|fused_cuda_pieces.*-sym,norm,rope,act,inplace\]\)" \
-      "$OUT/gpu_tests.txt" || opt=,inplace
-  echo "export OPT_PIECES=$opt" | tee -a /root/stash/attn.env
   step "7B files"
   wait $files; cat "$OUT/make_files.txt"
   source /root/stash/attn.env
-  export MLX_LLAMA_CUDA_FUSE=$MLX_LLAMA_CUDA_FUSE$OPT_PIECES
   step "a token's time, 128 cached, compiled, pieces $MLX_LLAMA_CUDA_FUSE"
   timeout 80 python3 scripts/profile_decode.py "$Q40" --context 128 --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
   step "kernels per token under Nsight Compute"
@@ -86,15 +82,15 @@ if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdis
     grep -E "Duration|Throughput|Registers|Achieved Occupancy|Stall|Warp Cycles|Block Size|Shared Memory Config" "$OUT/ncu_$k.txt" | head -30
   done
   tail -1 /root/llama.cpp/build.log
-elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for the opt-in pieces and MLX's graph size
+elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for 2 ahead, MLX's graph size, no inplace
   source /root/stash/env.sh
   cat /root/stash/attn.env && source /root/stash/attn.env
   step "wait for llama-bench"
   wait_llama_bench 60
   step "end to end"
   rows=(--row "mlx_llama, 2 steps ahead;MLX_LLAMA_DECODE_AHEAD=2"
-        --row "mlx_llama, one CUDA graph a step;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000")
-  [ -n "$OPT_PIECES" ] && rows+=(--row "mlx_llama, + ${OPT_PIECES#,};MLX_LLAMA_CUDA_FUSE=$MLX_LLAMA_CUDA_FUSE$OPT_PIECES")
+        --row "mlx_llama, one CUDA graph a step;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000"
+        --row "mlx_llama, without inplace;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act")
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
@@ -149,7 +145,7 @@ elif [ "${1:-1}" = mini ]; then  # after stash, a few minutes: tg128/pp512 of ml
 import json, bench_gpu
 print('mlx_llama', json.dumps(bench_gpu.in_child('mlx_llama_worker', '$Q40', 2)), flush=True)
 print('mlx-lm g32', json.dumps(bench_gpu.in_child('mlx_lm_worker', 32, 2)), flush=True)"
-elif [ "${1:-1}" = mini2 ]; then  # after stash, ~3 minutes: the in-place pieces' GPU tests, then Q4_0 tg128 with and without
+elif [ "${1:-1}" = mini2 ]; then  # after stash, ~3 minutes: the in-place piece's GPU tests, then Q4_0 tg128 with and without it
   step setup
   source .gpu2/setup.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
@@ -160,10 +156,10 @@ elif [ "${1:-1}" = mini2 ]; then  # after stash, ~3 minutes: the in-place pieces
   timeout 100 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
       -k "inplace or in_place or symmetric_form" 2>&1 | tee "$OUT/gpu_tests.txt" | grep -E "FAILED|passed|failed"
   wait $files
-  step "Q4_0 tg128, pieces sym,norm,rope,act, then + inplace, 2 repetitions each"
+  step "Q4_0 tg128, the default pieces, then without inplace, 2 repetitions each"
   cd scripts && timeout 120 python3 -c "
 import json, bench_gpu
-for name, env in [('defaults', {}), ('+ inplace', {'MLX_LLAMA_CUDA_FUSE': 'sym,norm,rope,act,inplace'})]:
+for name, env in [('defaults', {}), ('without inplace', {'MLX_LLAMA_CUDA_FUSE': 'sym,norm,rope,act'})]:
     print(name, json.dumps(bench_gpu.in_child('mlx_llama_worker', '$Q40', 2, env=env)), flush=True)" 2>&1 | tee "$OUT/mini.txt"
 elif [ "${1:-1}" = explore ]; then  # one call after stash: the compiled decode step, no llama-bench
   step setup
