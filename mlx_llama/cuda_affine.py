@@ -177,7 +177,6 @@ __device__ __forceinline__ float group_dot(const uint32_t* q, const float* xv) {
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const uint32_t lo = q[w], hi = q[w] >> 16;
-#pragma unroll
       nibble_dots<ZERO, 0>(lo, hi, xv + 8 * w, d[0]);
       nibble_dots<ZERO, 1>(lo, hi, xv + 8 * w, d[1]);
       nibble_dots<ZERO, 2>(lo, hi, xv + 8 * w, d[2]);

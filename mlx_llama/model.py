@@ -169,9 +169,9 @@ class Attention(nn.Module):
 
     def kernel_attention(self, x: mx.array, slot) -> mx.array:
         """One token's attention in a compiled step by `cuda_attention`'s kernel, RoPE in it where
-        `kernel_form` allows (the fused q/k/v output then goes in as it is); the kernel also returns
-        the new key and value as the cache holds them, written into the slot's buffer after →
-        (1, heads, 1, head_dim)."""
+        `kernel_form` allows (the fused q/k/v output then goes in as it is); the kernel writes the new
+        key and value into the slot's buffer itself ("inplace"), or returns them for the step to
+        write → (1, heads, 1, head_dim)."""
         rope = self.rope.kernel_form() if fused_kernels("rope") else None
         if rope is not None and "attn_qkv" in self and "attn_q_norm" not in self:
             q = k = v = self.attn_qkv(x)

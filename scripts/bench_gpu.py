@@ -14,7 +14,7 @@ and prints one table with ratios to llama.cpp. A check runs first (--check): the
 defaults on both files, llama-bench, mlx-lm, then each variant (--baseline, --row, …) on Q4_0 and
 the defaults on Q4_0 once more; the JSON is written after each row.
 
-    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline] [--op-by-op] [--unfused] [--ahead] [--opt-in] [--row 'NAME;VAR=VALUE;…']
+    python scripts/bench_gpu.py [--dir /tmp/bench7b] [--llama-bench PATH] [--mlx-lm] [--check] [--baseline] [--op-by-op] [--unfused] [--ahead] [--row 'NAME;VAR=VALUE;…']
 """
 
 from __future__ import annotations
@@ -204,8 +204,6 @@ def main(argv=None) -> int:
     ap.add_argument("--op-by-op", action="store_true", help="also mlx_llama with the decode step not compiled")
     ap.add_argument("--ahead", action="store_true", help="also mlx_llama with 2 decode steps queued ahead "
                     "(MLX_LLAMA_DECODE_AHEAD=2)")
-    ap.add_argument("--opt-in", action="store_true", help="also mlx_llama with the opt-in decode piece: the "
-                    "cache written by the attention kernel (MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace)")
     ap.add_argument("--unfused", action="store_true", help="also mlx_llama with the fused decode kernels off "
                     "(MLX_LLAMA_CUDA_FUSE=none: MLX's add, norm, RoPE and activation; biases read)")
     ap.add_argument("--row", action="append", default=[], metavar="NAME;VAR=VALUE;…",
@@ -254,7 +252,6 @@ def main(argv=None) -> int:
     variants = [("mlx_llama, CUDA kernels off", {"MLX_LLAMA_CUDA_KERNELS": "0"})] if args.baseline else []
     variants += [("mlx_llama, decode step op by op", {"MLX_LLAMA_COMPILE": "0"})] if args.op_by_op else []
     variants += [("mlx_llama, fused decode kernels off", {"MLX_LLAMA_CUDA_FUSE": "none"})] if args.unfused else []
-    variants += [("mlx_llama, + inplace", {"MLX_LLAMA_CUDA_FUSE": "sym,norm,rope,act,inplace"})] if args.opt_in else []
     variants += [("mlx_llama, 2 decode steps queued ahead", {"MLX_LLAMA_DECODE_AHEAD": "2"})] if args.ahead else []
     for spec in args.row:
         name, *pairs = spec.split(";")

@@ -54,6 +54,7 @@ def sweep_shape(rows: int, k: int, act: int, mats, x, totals: dict) -> str:
     n = len(mats)
     nbytes = mats[0][0].nbytes + mats[0][1].nbytes  # what the symmetric kernels read
     line = f"{rows}×{k}{' gated' if act else ''}:"
+    lean_before = cuda_affine.LEAN
     for lean, tile in [(False, SCALAR_TILES[0])] + [(True, t) for t in SCALAR_TILES]:
         cuda_affine.WARPS, cuda_affine.ROWS_PER_BLOCK, cuda_affine.UNROLL = tile
         cuda_affine.LEAN = lean
@@ -61,7 +62,7 @@ def sweep_shape(rows: int, k: int, act: int, mats, x, totals: dict) -> str:
         kind = "scalar" if lean else "scalar, shift-mask-or"
         totals[kind, tile] = totals.get((kind, tile), 0.0) + s * dict(PER_TOKEN)[rows, k]
         line += f" {kind} {tile} {s * 1e6:5.1f} µs ({nbytes / s / 1e9:4.0f} GB/s);"
-    cuda_affine.LEAN = True
+    cuda_affine.LEAN = lean_before
     for tile in TILES:
         cuda_mma.WARPS, cuda_mma.UNROLL = tile
         s = compiled_time(lambda v: [cuda_mma.matvec(v, *m, symmetric=True, act=act) for m in mats], x) / n

@@ -4,12 +4,11 @@
 #            the CUDA kernel tests, the kernels' speed, the 7B files made, where a token's time
 #            goes (host time, graph, pipelined step; kernels and GPU time under Nsight Compute)
 #   phase 2: bash scripts/gpu_session.sh 2   end to end: mlx_llama (kernels on/off), llama-bench, mlx-lm
-#   d1, d2: as c1 and c2, the tests in 8 processes; the table (defaults, llama-bench, mlx-lm first),
+#   d1, d2: for the compiled decode step: its tests (8 processes), a token's time and its kernels
+#            under Nsight Compute; then the table (defaults, llama-bench, mlx-lm first),
 #            then rows for 2 steps ahead, one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER) and
 #            without inplace, on Q4_0
-#   c1, c2: as 1 and 2 for the compiled decode step (its tests, a token's time op by op and
-#            compiled; the table with the opt-in pieces' and the two-ahead rows); long (after c1):
-#            2000 positions cached, the attention split or not; explore: c1 without llama-bench;
+#   long (after d1): 2000 positions cached, the attention split or not; explore: d1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
 set -u
@@ -93,42 +92,7 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for 2 a
         --row "mlx_llama, without inplace;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act")
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-elif [ "${1:-1}" = c1 ]; then  # after stash: kernels checked, files made, a token's time; llama-bench builds meanwhile
-  step setup
-  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import mlx.core as mx; print('MLX', mx.__version__, mx.default_device())"
-  offline_vocab
-  make_files 300 > "$OUT/make_files.txt" 2>&1 &  # on the host's CPUs while the tests run
-  files=$!
-  step "GPU tests: the CUDA kernels (fused decode pieces too), the compiled decode step"
-  timeout 300 python3 -m pytest -v -p no:cacheprovider tests/test_cuda_kernels.py tests/test_decode_step.py \
-      > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
-  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
-  grep -q "\(epilogue\|in_place\|fused_cuda_pieces\).* FAILED" "$OUT/gpu_tests.txt" || touch /root/stash/optin.ok  # c2's opt-in row
-  step "the tensor-core 4-bit matvec against the scalar one (on where its tests pass and it is faster)"
-  if grep -q "mma.* FAILED" "$OUT/gpu_tests.txt"; then echo "export MLX_LLAMA_AFFINE_MMA=0" >> /root/stash/attn.env
-  else timeout 120 python3 scripts/check_mma.py /root/stash/mma.env 2>&1 | tee "$OUT/mma.txt"; cat /root/stash/mma.env >> /root/stash/attn.env; fi
-  cat /root/stash/attn.env
-  step "7B files"
-  wait $files; cat "$OUT/make_files.txt"
-  source /root/stash/attn.env
-  step "where a decoded token's time goes (Q4_0), op by op and compiled"
-  timeout 100 python3 scripts/profile_decode.py "$Q40" --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
-  step "kernels per token under Nsight Compute, compiled step"
-  ncu_token 90 --compiled
-  tail -1 /root/llama.cpp/build.log
-elif [ "${1:-1}" = c2 ]; then  # the warm host after c1: the end-to-end table
-  source /root/stash/env.sh
-  [ -f /root/stash/attn.env ] && cat /root/stash/attn.env && source /root/stash/attn.env
-  step "wait for llama-bench"
-  wait_llama_bench 60
-  step "end to end"
-  optin=""; [ -f /root/stash/optin.ok ] && optin=--opt-in || echo "the opt-in pieces' GPU tests failed: no row for them"
-  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check $optin --ahead --mlx-lm \
-      --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-elif [ "${1:-1}" = long ]; then  # the warm host after c1: decoding at 2000 cached positions, attention split or not
+elif [ "${1:-1}" = long ]; then  # the warm host after d1: decoding at 2000 cached positions, attention split or not
   source /root/stash/env.sh
   [ -f /root/stash/attn.env ] && source /root/stash/attn.env
   step "2000 positions cached: one block per head, then split over chunks (MLX_LLAMA_ATTENTION_SPLIT_FROM=1024)"
