@@ -87,10 +87,15 @@ class CompiledDecoder:
             masks: dict = {}
             slots = [Slot(kv, position, masks) for kv in state]
             logits = owner()(token, slots)[:, -1, :]
-            return (logits, *[s.kv for s in slots])
+            # the next position, computed after this step's logits (its value: position + 1): the
+            # next step's attention reads it, so it runs after this step's kernels even where its
+            # token was not computed from these logits (tokens given, several steps in one graph)
+            after = position + 1 + mx.isnan(logits[0, 0]).astype(mx.int32) * 0
+            return (logits, after, *[s.kv for s in slots])
 
         self.step = mx.compile(trace)
         self.last: mx.array | None = None  # the last step's logits
+        self.next: tuple | None = None  # (id of the caches, their offset, the position array) after the last step
 
     def __call__(self, y: mx.array, cache: list[KVCache]) -> mx.array:
         """y: the last token (1,) int32 → the next logits (1, vocab); the cache advances by one."""
@@ -102,11 +107,13 @@ class CompiledDecoder:
                 # graphs in the order they are submitted: the steps so far go to the GPU first
                 mx.async_eval(self.last)
             c.reserve(1)
-        out = self.step(y[None], mx.array(cache[0].offset, mx.int32), *[c.kv for c in cache])
-        for c, kv in zip(cache, out[1:]):  # the only references to the new buffers: the next step updates them in place
+        chained = self.next is not None and self.next[:2] == (id(cache), cache[0].offset)
+        position = self.next[2] if chained else mx.array(cache[0].offset, mx.int32)
+        out = self.step(y[None], position, *[c.kv for c in cache])
+        for c, kv in zip(cache, out[2:]):  # the only references to the new buffers: the next step updates them in place
             c.kv = kv
             c.offset += 1
-        self.last = out[0]
+        self.last, self.next = out[0], (id(cache), cache[0].offset, out[1])
         return out[0]
 
 

@@ -8,6 +8,8 @@
 #            under Nsight Compute; then the table (defaults, llama-bench, mlx-lm first),
 #            then rows for 2 steps ahead, one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER) and
 #            without inplace, on Q4_0
+#   e1, e2: the GPU tests of the compiled step (given tokens: one step after another without a data
+#            path between them), then a step's host time (built, submitted) and the table
 #   long (after d1): 2000 positions cached, the attention split or not; explore: d1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
@@ -91,6 +93,34 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for 2 a
         --row "mlx_llama, one CUDA graph a step;MLX_MAX_OPS_PER_BUFFER=2000;MLX_MAX_MB_PER_BUFFER=1000000"
         --row "mlx_llama, without inplace;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act")
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
+      --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = e1 ]; then  # after stash, ~3 min: the compiled step's GPU tests (given tokens, the fused pieces), files
+  step setup
+  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  offline_vocab
+  make_files 300 > "$OUT/make_files.txt" 2>&1 &
+  files=$!
+  step "GPU tests, 8 processes: the compiled step on given tokens, the fused pieces, in place"
+  timeout 200 python3 -m pytest -v -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
+      -k "given or fused_cuda_pieces or in_place or inplace or equals_the_model" > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
+  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
+  step "7B files"
+  wait $files; cat "$OUT/make_files.txt"
+  tail -1 /root/llama.cpp/build.log
+elif [ "${1:-1}" = e2 ]; then  # after e1: a step's host time (during, then after llama-bench's build), then the table
+  source /root/stash/env.sh
+  cat /root/stash/attn.env && source /root/stash/attn.env
+  host() { timeout 70 python3 scripts/profile_decode.py "$Q40" --host --context 128 --steps 96 2>&1 | tail -1 | tee -a "$OUT/host.txt"; }
+  step "host time per step while llama-bench builds (Q4_0, 128 cached)"; host
+  step "wait for llama-bench"
+  wait_llama_bench 60
+  step "host time per step, the build done: defaults, then one CUDA graph a step"; host
+  MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=1000000 host
+  step "end to end"
+  timeout 400 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = long ]; then  # the warm host after d1: decoding at 2000 cached positions, attention split or not
   source /root/stash/env.sh

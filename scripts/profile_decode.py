@@ -33,6 +33,37 @@ def build_and_step(forward, y):
     return nxt, built
 
 
+def host_split(model, cache, y, n: int) -> str:
+    """The compiled step's host time split in two, the host running ahead of the GPU (no step
+    waited on until the last): building the step (`mx.compile`'s replay and the argmax) and
+    submitting it (`mx.async_eval`: MLX evaluates each primitive on the host — kernel nodes
+    added to CUDA graphs, the graphs updated and launched); then the wall time per step, which
+    is the GPU's when the host time is less."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_llama.decode_step import decoder
+
+    forward = decoder(model, cache, True)
+    for _ in range(3):
+        y, _ = build_and_step(forward, y)
+        mx.eval(y)
+    built, submitted = [], []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        y, b = build_and_step(forward, y)
+        t1 = time.perf_counter()
+        mx.async_eval(y)
+        submitted.append(time.perf_counter() - t1)
+        built.append(b)
+    host = time.perf_counter() - t0
+    mx.eval(y)
+    wall = time.perf_counter() - t0
+    q = lambda v: "/".join(f"{x * 1e3:.2f}" for x in np.percentile(v, [10, 50, 90]))  # noqa: E731
+    return (f"compiled, host ahead ({n} steps): build {q(built)} ms, submit {q(submitted)} ms (p10/p50/p90); "
+            f"host {host / n * 1e3:.2f} ms per step, wall {wall / n * 1e3:.2f} ms per step = {n / wall:.1f} tok/s")
+
+
 def steps(model, cache, y, n: int, compiled: bool):
     """Host build and synchronous step times of n steps, and the pipelined rate of n more
     (`generate_tokens`, with MLX_LLAMA_COMPILE set to match)."""
@@ -109,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ncu-steps", type=int, default=2)
     ap.add_argument("--compiled", action="store_true", help="with --ncu: the compiled step")
     ap.add_argument("--parse", default=None, help="an ncu --csv output: kernels and GPU time per token")
+    ap.add_argument("--host", action="store_true", help="only the compiled step's host time, built and submitted")
     args = ap.parse_args(argv)
     if args.parse:
         return parse_ncu(args.parse, args.ncu_steps)
@@ -141,6 +173,9 @@ def main(argv=None) -> int:
             mx.eval(y)
         mx.synchronize()
         cudart.cudaProfilerStop()
+        return 0
+    if args.host:
+        print(host_split(model, cache, y, args.steps))
         return 0
     ops = graph_ops(model, cache, y)
     print(f"model: {args.model}, {args.context} tokens cached, device {mx.default_device()}")
