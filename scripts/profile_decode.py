@@ -59,7 +59,7 @@ def host_split(model, cache, y, n: int) -> str:
     host = time.perf_counter() - t0
     mx.eval(y)
     wall = time.perf_counter() - t0
-    q = lambda v: "/".join(f"{x * 1e3:.2f}" for x in np.percentile(v, [10, 50, 90]))  # noqa: E731
+    q = lambda v: "/".join(f"{x * 1e3:.2f}" for x in np.percentile(v, [10, 50, 90]))
     return (f"compiled, host ahead ({n} steps): build {q(built)} ms, submit {q(submitted)} ms (p10/p50/p90); "
             f"host {host / n * 1e3:.2f} ms per step, wall {wall / n * 1e3:.2f} ms per step = {n / wall:.1f} tok/s")
 
