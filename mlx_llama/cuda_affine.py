@@ -332,13 +332,13 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
         r = max(2, r - r % 2)  # gate and up rows in the same block
     n_out = rows // 2 if epilogue else rows
     return kernel("mlx_llama_affine_matvec", ["x", "w", "scales", "biases"], ["out"], _MATVEC)(
-        inputs=[x.reshape(nt, x.shape[-1]), w, scales, biases],
+        inputs=[x, w, scales, biases],  # read as nt rows: no reshape (each is a primitive the host evaluates)
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
                   ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("LEAN", int(LEAN)),
                   ("OutT", x.dtype)],
         grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(nt, n_out)], output_dtypes=[x.dtype],
-    )[0].reshape(*lead, n_out)
+        output_shapes=[(*lead, n_out)], output_dtypes=[x.dtype],
+    )[0]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gated activations the matvecs compute as they read

@@ -289,11 +289,24 @@ def float_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
+_NO_FREQS: list = []
+
+
+def _no_freqs() -> mx.array:
+    """The `freqs` input of a RoPE without its own frequencies (unread): one array made once, not
+    a new one per layer and step."""
+    if not _NO_FREQS:
+        _NO_FREQS.append(mx.zeros((1,), mx.float32))
+        mx.eval(_NO_FREQS[0])
+    return _NO_FREQS[0]
+
+
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, position: mx.array, scale: float, *,
                      heads: int, window: int = 0, rope=None, offsets: tuple[int, int, int] = (0, 0, 0),
                      in_place: bool = False) -> tuple[mx.array, mx.array]:
-    """The new token's attention over a layer's cache buffer → (out (1, heads, 1, D), its key and
-    value as the cache holds them (1, 2 · Hkv, 1, D)), in the cache's dtype.
+    """The new token's attention over a layer's cache buffer → (out (1, 1, heads · D): the heads
+    side by side, as the output projection reads them; its key and value as the cache holds them
+    (1, 2 · Hkv, 1, D)), in the cache's dtype.
 
     q, k, v: the new token's `heads` query heads and Hkv key and value heads, flat from `offsets` on
     (one array may be passed as all three: the fused q/k/v projection's output); cache (1, 2 · Hkv,
@@ -314,8 +327,7 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
     attend = cuda_affine.kernel("mlx_llama_decode_attention", ["q", "k", "v", "cache", "position", "freqs"],
                                 ["out", "kv_new", "partial", "ml"], _SOURCE, HEADER)
     out, kv_new, partial, ml = attend(
-        inputs=[q, k, v, cache, position.reshape(1).astype(mx.int32),
-                freqs if freqs is not None else mx.zeros((1,), mx.float32)],
+        inputs=[q, k, v, cache, position.astype(mx.int32), freqs if freqs is not None else _no_freqs()],
         template=[("D", d), ("CAP", cap), ("HKV", hkv), ("GROUP", hq // hkv), ("WINDOW", window), ("SCALE_BITS", float_bits(scale)),
                   ("THREADS", THREADS), ("ROPE", 0 if rope is None else 1 if traditional else 2), ("ROPE_DIMS", dims),
                   ("ROPE_SCALE_BITS", float_bits(rope_scale)), ("FREQS", int(freqs is not None)),
@@ -323,13 +335,13 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, pos
                   ("V_OFF", offsets[2]), ("INPLACE", int(in_place)), ("SPLITS", splits), ("CHUNK", chunk),
                   ("OutT", cache.dtype)],
         grid=(hq * splits * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(1, hq, 1, d), (1, 2 * hkv, 1, d), (hq * splits, d) if splits > 1 else (1,),
+        output_shapes=[(1, 1, hq * d), (1, 2 * hkv, 1, d), (hq * splits, d) if splits > 1 else (1,),
                        (hq * splits, 2) if splits > 1 else (1,)],
         output_dtypes=[cache.dtype, cache.dtype, mx.float32, mx.float32],
     )
     if splits > 1:
         combine = cuda_affine.kernel("mlx_llama_decode_attention_combine", ["partial", "ml"], ["out"], _COMBINE, HEADER)
         out = combine(inputs=[partial, ml], template=[("D", d), ("SPLITS", splits), ("OutT", cache.dtype)],
-                       grid=(hq * d, 1, 1), threadgroup=(d, 1, 1), output_shapes=[(1, hq, 1, d)],
+                       grid=(hq * d, 1, 1), threadgroup=(d, 1, 1), output_shapes=[(1, 1, hq * d)],
                        output_dtypes=[cache.dtype])[0]
     return out, kv_new

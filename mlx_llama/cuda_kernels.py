@@ -197,15 +197,15 @@ def block_matvec(x: mx.array, ggml_type: int, fields: dict, act: int = 0) -> mx.
     nt = 1
     for n in lead:
         nt *= n
-    inputs = [x.reshape(nt, x.shape[-1]), *(fields[k] for k in _FIELDS[ggml_type])]
+    inputs = [x, *(fields[k] for k in _FIELDS[ggml_type])]  # read as nt rows: no reshape (a primitive)
     if ggml_type == Q6_K:
         r = max(1, Q6_K_ROWS // nt)  # a batch's rows share the registers
         return _kernel("matvec", ggml_type)(
             inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r),
                                      ("ACT", act), ("OutT", x.dtype)],
             grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
-            output_shapes=[(nt, rows)], output_dtypes=[x.dtype],
-        )[0].reshape(*lead, rows)
+            output_shapes=[(*lead, rows)], output_dtypes=[x.dtype],
+        )[0]
     if act:
         raise ValueError("the gated activation is read inside the Q6_K matvec only")
     split = max(1, min(nb, -(-TARGET_WARPS // rows)))

@@ -138,7 +138,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | list[KVCache | None] | None) -> mx.array:
         B, T, _ = x.shape
         if T == 1 and hasattr(cache, "attention_mask") and cuda_attention.serves(B, self.head_dim, cache.kv.shape[2]):
-            return self.attn_output(self.kernel_attention(x, cache).reshape(B, 1, -1))
+            return self.attn_output(self.kernel_attention(x, cache).reshape(B, 1, self.q_dim))  # -1 would make a primitive
         q, k, v = self.projections(x)
         q, k, v = heads(q, self.n_heads, B, T), heads(k, self.n_kv_heads, B, T), heads(v, self.n_kv_heads, B, T)
         if "attn_q_norm" in self:
@@ -171,11 +171,14 @@ class Attention(nn.Module):
         """One token's attention in a compiled step by `cuda_attention`'s kernel, RoPE in it where
         `kernel_form` allows (the fused q/k/v output then goes in as it is); the kernel writes the new
         key and value into the slot's buffer itself ("inplace"), or returns them for the step to
-        write → (1, heads, 1, head_dim)."""
+        write → (1, 1, heads · head_dim)."""
         rope = self.rope.kernel_form() if fused_kernels("rope") else None
         if rope is not None and "attn_qkv" in self and "attn_q_norm" not in self:
             q = k = v = self.attn_qkv(x)
             offsets = (0, self.q_dim, self.q_dim + self.kv_dim)
+        elif rope is not None and "attn_q_norm" not in self:  # flat, as the kernel reads them: no reshapes
+            q, k, v = self.projections(x)
+            offsets = (0, 0, 0)
         else:
             q, k, v = self.projections(x)
             q, k = heads(q, self.n_heads, 1, 1), heads(k, self.n_kv_heads, 1, 1)

@@ -220,7 +220,7 @@ def test_decode_attention_equals_mlx_attention(rope, d, hq, hkv, window, dtype, 
     written = mx.concatenate([keys[:, :, :position], kr, keys[:, :, position + 1 :]], axis=2)
     written_v = mx.concatenate([values[:, :, :position], v, values[:, :, position + 1 :]], axis=2)
     ref = mx.fast.scaled_dot_product_attention(qr, written[:, :, first : position + 1], written_v[:, :, first : position + 1],
-                                               scale=scale)
+                                               scale=scale).reshape(1, 1, hq * d)  # the heads side by side
     cache = mx.concatenate([keys, values], axis=1)  # KVCache.kv: the keys' heads, then the values'
     got, kv_new = cuda_attention.decode_attention(q, k, v, cache, mx.array(position, mx.int32), scale, heads=hq,
                                                   window=window, rope=form)
