@@ -38,7 +38,7 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
-PIECES = ("sym", "norm", "rope", "glu", "act", "inplace")  # the fused decode pieces, as `fused_kernels` names them
+PIECES = ("sym", "norm", "rope", "glu", "act", "inplace", "tail")  # the fused decode pieces, as `fused_kernels` names them
 FUSED_DEFAULT = "sym,norm,rope,act,inplace"  # measured on an H200 (BENCHMARKS.md); "glu" is opt-in
 
 
@@ -48,7 +48,9 @@ def fused_kernels(piece: str) -> bool:
     residual add with the RMS norm), rope (RoPE and the new key/value inside the decode attention),
     glu (the gated activation read inside the down projection's matvec), act (gate and up rows
     interleaved at load, the gated activation computed as their matvec writes), inplace (the
-    decode attention writes the new key and value into the cache buffer itself: no scatter)."""
+    decode attention writes the new key and value into the cache buffer itself: no scatter), tail
+    (the residual add and norm after the attention's and the feed-forward's output projections
+    done by those projections' matvecs: `matvec_add_norm`)."""
     return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
 
 
@@ -61,6 +63,15 @@ LEAN = os.environ.get("MLX_LLAMA_AFFINE_LEAN", "1") != "0"
 HEADER = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+
+// one value through L2 (not the incoherent L1/read-only path): written by other blocks of this launch
+__device__ __forceinline__ float load_l2(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float load_l2(const __half* p) {
+  return __half2float(__ushort_as_half(__ldcg(reinterpret_cast<const unsigned short*>(p))));
+}
+__device__ __forceinline__ float load_l2(const __nv_bfloat16* p) {
+  return __bfloat162float(__ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p))));
+}
 
 // 32 consecutive activations as float, read 16 bytes at a time through the read-only cache.
 __device__ __forceinline__ void load32(const float* p, float* v) {
@@ -283,6 +294,49 @@ _MATVEC = r"""
     }
 """
 
+# The residual add and RMS norm after a product, in its kernel (`matvec_add_norm`): the grid's last
+# block to finish (a counter each block bumps after its rows are written) computes, for each row t,
+# h = resid + out (rounded to OutT, as MLX's add stores it), the sum of h² in float32, then
+# y = nweight · OutT(h · rsqrt(mean(h²) + eps)) — `cuda_norm`'s arithmetic — and resets the counter.
+_NORM_TAIL = r"""
+    __shared__ unsigned int is_last;
+    __shared__ float wsum[WARPS];
+    __threadfence();  // this block's rows of out, visible to the block that reads them all
+    __syncthreads();
+    if (tid == 0) {
+        unsigned int* ctr = const_cast<unsigned int*>(counter);
+        is_last = atomicAdd(ctr, 1u) == gridDim.x - 1;
+        if (is_last) *ctr = 0u;  // every other block has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int t = 0; t < NT; ++t) {
+        float ss = 0.0f;
+#pragma unroll 8
+        for (int i = tid; i < ROWS; i += THREADS) {
+            const int64_t at = int64_t(t) * ROWS + i;
+            const OutT hv = static_cast<OutT>(static_cast<float>(resid[at]) + load_l2(out + at));
+            h[at] = hv;
+            ss += static_cast<float>(hv) * static_cast<float>(hv);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        if (lane == 0) wsum[wid] = ss;
+        __syncthreads();
+        float total = 0.0f;
+#pragma unroll
+        for (int k = 0; k < WARPS; ++k) total += wsum[k];
+        __syncthreads();  // wsum read by all before the next row's sums
+        const float n = rsqrtf(total / ROWS + __int_as_float(EPS_BITS));
+#pragma unroll 8
+        for (int i = tid; i < ROWS; i += THREADS) {
+            const int64_t at = int64_t(t) * ROWS + i;  // h[at]: this thread's own write
+            y[at] = static_cast<OutT>(static_cast<float>(nweight[i]) * static_cast<float>(static_cast<OutT>(static_cast<float>(h[at]) * n)));
+        }
+    }
+"""
+
 _KERNELS: dict = {}
 
 
@@ -339,6 +393,33 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
         grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(*lead, n_out)], output_dtypes=[x.dtype],
     )[0]
+
+
+def matvec_add_norm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, resid: mx.array,
+                    weight: mx.array, eps: float, counter: mx.array, *, symmetric: bool = False) -> tuple[mx.array, mx.array]:
+    """(h, y): h = resid + x @ W.T, y = rms_norm(h, weight, eps), in one kernel (`_NORM_TAIL`): the
+    product as `matvec` computes it, then the add and norm as `cuda_norm.add_rms_norm`'s.
+
+    counter: a (1,) uint32 array of zeros that the kernel bumps and resets behind MLX's back: two
+    launches sharing it must not run at once (a layer's launches don't: each needs the attention
+    or feed-forward output of its own step, and a batch's rows go in one launch)."""
+    from .cuda_attention import float_bits
+
+    rows = w.shape[0]
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    nt = x.size // k
+    r = max(1, ROWS_PER_BLOCK // nt)
+    _, h, y = kernel("mlx_llama_affine_matvec_add_norm", ["x", "w", "scales", "biases", "resid", "nweight", "counter"],
+                     ["out", "h", "y"], _MATVEC + _NORM_TAIL)(
+        inputs=[x, w, scales, biases, resid, weight, counter],
+        template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
+                  ("R", r), ("SYM", int(symmetric)), ("ACT", 0), ("EPI", 0), ("LEAN", int(LEAN)),
+                  ("EPS_BITS", float_bits(eps)), ("OutT", x.dtype)],
+        grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
+        output_shapes=[(*lead, rows)] * 3, output_dtypes=[x.dtype] * 3,
+    )
+    return h, y
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gated activations the matvecs compute as they read

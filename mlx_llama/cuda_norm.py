@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import cuda_affine
+from . import cuda_affine, layers
 from .cuda_attention import HEADER, float_bits
 
 MAX_THREADS = 512  # threads per row: one group of 8 values each up to 4096 values
@@ -83,11 +83,17 @@ def add_rms_norm(x: mx.array, delta: mx.array, weight: mx.array, eps: float) -> 
     return h, y
 
 
-def add_norm(x: mx.array, delta: mx.array | None, norm) -> tuple[mx.array, mx.array]:
+def add_norm(x: mx.array, delta, norm) -> tuple[mx.array, mx.array]:
     """(x + delta, norm(x + delta)) for an `nn.RMSNorm` `norm`: one kernel where `available`, else
-    MLX's ops (delta None: x itself)."""
+    MLX's ops (delta None: x itself; a `layers.Pending` product: computed here, by the matvec that
+    also adds and norms where the "tail" piece serves it)."""
     if delta is None:
         return x, norm(x)
+    if isinstance(delta, layers.Pending):  # a product deferred to join this add and norm
+        if cuda_affine.available() and cuda_affine.fused_kernels("tail") and "weight" in norm and norm.weight.dtype == x.dtype == delta.x.dtype \
+                and delta.x.shape[:-1] == x.shape[:-1] and norm.weight.shape == x.shape[-1:]:
+            return layers.add_norm_after(delta, x, norm)
+        delta = layers.resolve(delta)
     if available() and "weight" in norm and supported(x, delta, norm.weight):
         return add_rms_norm(x, delta, norm.weight, norm.eps)
     h = x + delta

@@ -4,6 +4,8 @@ and Q2_K/Q6_K blocks dequantized when used. A layer's weight carries a bias when
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -68,6 +70,48 @@ def gated_rows_product(layer: nn.Module, x: mx.array, activation: str) -> mx.arr
             or x.size // k > cuda_affine.MATVEC_MAX_ROWS or not cuda_affine.supported(layer.bits, layer.group_size, k)):
         return None
     return affine_matvec(x, layer, epilogue=act)
+
+
+class Pending(NamedTuple):
+    """A layer's product not computed yet (`deferred`): `cuda_norm.add_norm` computes it with the
+    residual add and the norm that follow, in one kernel; `resolve` computes it alone."""
+
+    layer: nn.Module
+    x: mx.array
+
+
+def deferred(layer: nn.Module, x: mx.array) -> mx.array | Pending:
+    """layer(x), or a `Pending` product where the add and norm after it can join its CUDA matvec
+    (the "tail" piece: an affine layer without bias, a few rows of x)."""
+    k = x.shape[-1]
+    if (fused_kernels("tail") and type(layer) is AffineLinear and "bias" not in layer and cuda_affine.available()
+            and cuda_affine.supported(layer.bits, layer.group_size, k) and x.size // k <= cuda_affine.MATVEC_MAX_ROWS
+            and not cuda_mma.serves(x, layer.bits, k, 0)):
+        return Pending(layer, x)
+    return layer(x)
+
+
+def resolve(v: mx.array | Pending) -> mx.array:
+    """A product `deferred` computed now (an array stays as it is)."""
+    return v.layer(v.x) if isinstance(v, Pending) else v
+
+
+def add_norm_after(p: Pending, resid: mx.array, norm: nn.Module) -> tuple[mx.array, mx.array]:
+    """(resid + p's product, norm of that) by one CUDA matvec (`cuda_affine.matvec_add_norm`)."""
+    layer = p.layer
+    if getattr(layer, "norm_counter", None) is None:
+        layer.norm_counter = _Counter()
+    return cuda_affine.matvec_add_norm(p.x, layer["weight"], layer["scales"], layer["biases"], layer.bits, resid, norm.weight,
+                                       norm.eps, layer.norm_counter.array, symmetric=getattr(layer, "symmetric", False))
+
+
+class _Counter:
+    """A layer's launch counter for `matvec_add_norm` (zero between launches), held outside the
+    module's parameters."""
+
+    def __init__(self):
+        self.array = mx.zeros((1,), mx.uint32)
+        mx.eval(self.array)
 
 
 def mark_symmetric(model: nn.Module) -> None:

@@ -17,8 +17,8 @@ import mlx.nn as nn
 from . import cuda_attention, cuda_norm, kernels
 from .architectures import ModelConfig
 from .cache import KVCache
-from .layers import (BlockLinear, Embedding, Linear, block_layer, fused_kernels, gated_product, gated_rows_product,
-                     mark_symmetric)
+from .layers import (BlockLinear, Embedding, Linear, block_layer, deferred, fused_kernels, gated_product,
+                     gated_rows_product, mark_symmetric, resolve)
 
 BLOCK_LEVEL = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm")  # norms that sit in the block itself
 
@@ -138,7 +138,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | list[KVCache | None] | None) -> mx.array:
         B, T, _ = x.shape
         if T == 1 and hasattr(cache, "attention_mask") and cuda_attention.serves(B, self.head_dim, cache.kv.shape[2]):
-            return self.attn_output(self.kernel_attention(x, cache).reshape(B, 1, self.q_dim))  # -1 would make a primitive
+            return deferred(self.attn_output, self.kernel_attention(x, cache).reshape(B, 1, self.q_dim))  # -1: a primitive
         q, k, v = self.projections(x)
         q, k, v = heads(q, self.n_heads, B, T), heads(k, self.n_kv_heads, B, T), heads(v, self.n_kv_heads, B, T)
         if "attn_q_norm" in self:
@@ -153,7 +153,7 @@ class Attention(nn.Module):
             out = self.attend(q, k, v, cache, T)
         # (B, heads, T, head_dim) → (B, T, heads · head_dim); for one token a reshape
         out = out.reshape(B, 1, -1) if T == 1 else out.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return self.attn_output(out)
+        return deferred(self.attn_output, out)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None, T: int) -> mx.array:
         """RoPE at the cache's position, the cache updated, attention: (B, heads, T, head_dim)."""
@@ -226,7 +226,7 @@ class FeedForward(nn.Module):
             if y is None:
                 a = self.ffn_up(x)
                 y = self.glu(a[..., 0::2], a[..., 1::2])
-            return self.ffn_down(y)
+            return deferred(self.ffn_down, y)
         if self.fused:  # ffn_up holds [gate; up]
             a = self.ffn_up(x)
             y = gated_product(self.ffn_down, a, self.activation)  # the activation inside the down projection
@@ -235,7 +235,7 @@ class FeedForward(nn.Module):
             gate, up = mx.split(a, 2, axis=-1)
         else:
             gate, up = self.ffn_gate(x), self.ffn_up(x)
-        return self.ffn_down(self.glu(gate, up))
+        return deferred(self.ffn_down, self.glu(gate, up))
 
 
 class Block(nn.Module):
@@ -252,19 +252,20 @@ class Block(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
         h, delta = self.residual(x, None, cache)
-        return h + delta
+        return h + resolve(delta)
 
     def residual(self, x: mx.array, delta: mx.array | None, cache: KVCache | None) -> tuple[mx.array, mx.array]:
         """The block on the residual stream x + delta (the last block's feed-forward output not yet
         added) → (its stream before its own feed-forward output, that output): each add is done with
-        the norm after it (`cuda_norm.add_norm`: one kernel on NVIDIA GPUs)."""
+        the norm after it (`cuda_norm.add_norm`: one kernel on NVIDIA GPUs, or with the output
+        projection before it, the sublayers' outputs being `layers.deferred` products)."""
         x, a = cuda_norm.add_norm(x, delta, self.attn_norm)
         out = self.attn(a, cache)
         if "post_attention_norm" in self:  # sandwich: each sublayer's output normed before the residual
-            out = self.post_attention_norm(out)
+            out = self.post_attention_norm(resolve(out))
         h, b = cuda_norm.add_norm(x, out, self.ffn_norm)
         out = self.ffn(b)
-        return h, self.post_ffw_norm(out) if "post_ffw_norm" in self else out
+        return h, self.post_ffw_norm(resolve(out)) if "post_ffw_norm" in self else out
 
 
 class Model(nn.Module):
@@ -297,7 +298,7 @@ class Model(nn.Module):
         h, delta = self.embed(tokens), None
         for i, block in enumerate(self.blk):
             h, delta = block.residual(h, delta, cache[i] if cache is not None else None)
-        return h + delta
+        return h + resolve(delta)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """tokens: (B, T) int → the first block's input (B, T, hidden), in the activation dtype."""

@@ -274,6 +274,12 @@ def _affine(fn, dt, bits, nt=1, rows=70, k=1056, **kw):
     return fn(x, wq, scales, biases, **kw) if fn.__module__.endswith("mma") else fn(x, wq, scales, biases, bits, **kw)
 
 
+def _affine_norm(fn, dt, nt=1, rows=70, k=1056, **kw):
+    wq, scales, biases = mx.quantize(mx.zeros((rows, k), dt), group_size=32, bits=4)
+    return fn(mx.zeros((nt, k), dt), wq, scales, biases, 4, mx.zeros((nt, rows), dt), mx.zeros((rows,), dt), 1e-5,
+              mx.zeros((1,), mx.uint32), **kw)
+
+
 def _blocks(mod, dt, ggml_type, nt=0, **kw):  # nt 0: dequantize
     import numpy as np
 
@@ -326,6 +332,16 @@ def _decode(tmp: Path, label: str, ttype: str, kw: dict, dt):
     return out
 
 
+def _decode_with(pieces: str, *args):
+    """`_decode` with MLX_LLAMA_CUDA_FUSE set to `pieces`."""
+    before = os.environ.get("MLX_LLAMA_CUDA_FUSE")
+    os.environ["MLX_LLAMA_CUDA_FUSE"] = pieces
+    try:
+        return _decode(*args)
+    finally:
+        os.environ.pop("MLX_LLAMA_CUDA_FUSE") if before is None else os.environ.update(MLX_LLAMA_CUDA_FUSE=before)
+
+
 def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
     """(label, function, args, kwargs) of each call that runs kernels. A module none of them calls is
     still covered where the model path uses it (the run names the modules whose kernels never ran)."""
@@ -342,6 +358,8 @@ def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
                    {"symmetric": True}, {"act": 1}, {"act": 2}, {"epilogue": 1}, {"epilogue": 2}, {"nt": 3, "epilogue": 1},
                    ) if aff else ():
             add(f"cuda_affine.matvec {kw} {name}", _affine, aff.matvec, dt, **{"bits": 4, **kw})
+        for kw in ({}, {"nt": 3}, {"symmetric": True}) if aff else ():
+            add(f"cuda_affine.matvec_add_norm {kw} {name}", _affine_norm, aff.matvec_add_norm, dt, **kw)
         for rows, k, kw in ((70, 1024, {}), (256, 4096, {"symmetric": True}), (16, 384, {"act": 1}),
                             (70, 1024, {"act": 2})) if mma and name == "float16" else ():  # float16 only
             add(f"cuda_mma.matvec rows={rows} k={k} {kw} {name}", _affine, mma.matvec, dt, 4, 1, rows, k, **kw)
@@ -357,6 +375,8 @@ def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
                 mx.zeros(shape[-1:], dt), 1e-5)
         for label, ttype, kw in MODELS:
             add(f"model {label} {ttype} {name}", _decode, tmp, label, ttype, kw, dt)
+        add(f"model llama Q4_0 {name}, the tail piece", _decode_with, "sym,norm,rope,act,inplace,tail", tmp, "llama", "Q4_0",
+            {}, dt)
     return calls
 
 

@@ -267,6 +267,35 @@ def test_add_rms_norm_equals_mlx_ops(dtype, shape):
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(want_y.astype(mx.float32)), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "sym"])
+@pytest.mark.parametrize("nt, rows, k", [(1, 4096, 4096), (1, 4096, 11008), (3, 576, 1536), (1, 70, 1056)])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32], ids=["f16", "bf16", "f32"])
+def test_matvec_add_norm_equals_the_matvec_then_add_rms_norm(symmetric, nt, rows, k, dtype):
+    """The residual add and norm in the matvec's last block: h equal to the two kernels' (the same
+    roundings), y to the rounding of the sum of squares (summed in another order); several launches
+    in a row (each resets the counter for the next)."""
+    from mlx_llama import cuda_affine, cuda_norm
+
+    rng = np.random.default_rng(rows + k)
+    w = mx.array(rng.standard_normal((rows, k)) * 0.02, dtype)
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=4)
+    if symmetric:
+        biases = scales * -8
+    counter = mx.zeros((1,), mx.uint32)
+    for i in range(3):
+        x = mx.array(rng.standard_normal((nt, k)), dtype)
+        resid = mx.array(rng.standard_normal((nt, rows)) * 3, dtype)
+        weight = mx.array(rng.standard_normal(rows), dtype)
+        h, y = cuda_affine.matvec_add_norm(x, wq, scales, biases, 4, resid, weight, 1e-5, counter, symmetric=symmetric)
+        delta = cuda_affine.matvec(x, wq, scales, biases, 4, symmetric=symmetric)
+        want_h, want_y = cuda_norm.add_rms_norm(resid, delta, weight, 1e-5)
+        assert h.shape == y.shape == (nt, rows) and h.dtype == y.dtype == dtype
+        np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32)))
+        tol = {mx.float16: 2e-3, mx.bfloat16: 1.6e-2, mx.float32: 1e-5}[dtype]
+        np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(want_y.astype(mx.float32)), rtol=tol, atol=tol)
+        assert counter.item() == 0, i
+
+
 @pytest.mark.parametrize("bits", [4, 5, 8])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
 def test_affine_matvec_symmetric_form(bits, dtype):

@@ -67,7 +67,8 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
 
 @pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
 @pytest.mark.parametrize("pieces", ["none", "sym,norm,rope", "sym,norm,rope,act", "sym,norm,rope,inplace",
-                                    "sym,norm,rope,act,inplace", "sym,norm,rope,glu"])
+                                    "sym,norm,rope,act,inplace", "sym,norm,rope,glu", "sym,norm,rope,act,inplace,tail",
+                                    "tail"])
 @pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3"])
 def test_fused_cuda_pieces_equal_the_model_op_by_op(pieces, name, tiny_gguf, small_steps, monkeypatch):
     """On an NVIDIA GPU, each set of fused decode kernels (MLX_LLAMA_CUDA_FUSE, read at load and
@@ -83,11 +84,15 @@ def test_fused_cuda_pieces_equal_the_model_op_by_op(pieces, name, tiny_gguf, sma
     assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
 
 
+@pytest.mark.parametrize("pieces", [None, "sym,norm,rope,act,inplace,tail"], ids=["defaults", "tail"])
 @pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3"])
-def test_steps_on_given_tokens_evaluated_together(name, tiny_gguf, small_steps, monkeypatch):
+def test_steps_on_given_tokens_evaluated_together(name, pieces, tiny_gguf, small_steps, monkeypatch):
     """Steps whose tokens do not come from the last step's logits, built before any is evaluated
     (one graph): each still runs after the one before — on an NVIDIA GPU the attention writes the
-    cache behind MLX's back ("inplace"), and a CUDA graph orders kernels by the buffers they declare."""
+    cache behind MLX's back ("inplace"), the "tail" matvecs count their blocks in a buffer of their
+    own, and a CUDA graph orders kernels by the buffers they declare."""
+    if pieces is not None:
+        monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", pieces)
     model, _ = mlx_llama.load(tiny(tiny_gguf, "Q4_0", **PEAKED, **VARIANTS[name]), dtype=mx.float16, cpu_dequantize=False)
     eager = decode(model, False, monkeypatch, steps=40, given=True)
     compiled = decode(model, True, monkeypatch, steps=40, given=True)
