@@ -8,8 +8,8 @@
 #            under Nsight Compute; then the table (defaults, llama-bench, mlx-lm first),
 #            then rows for 2 steps ahead, one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER) and
 #            without inplace, on Q4_0
-#   e1, e2: the GPU tests of the compiled step (given tokens: one step after another without a data
-#            path between them), then a step's host time (built, submitted) and the table
+#   f1, f2: the GPU tests of the compiled step and its kernels, a step's host time (built, submitted;
+#            profile_decode.py --host) with and without tail; then the table, and a row without tail
 #   long (after d1): 2000 positions cached, the attention split or not; explore: d1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
@@ -40,7 +40,8 @@ failed() { grep -q "$1.* FAILED\|FAILED.*$1" "$2"; }  # a test whose name matche
 fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose GPU tests failed
   # (pytest -v lines, "tests/…::test_name[…] FAILED"; read as far as the run got)
   # (either order: pytest -v "name FAILED", xdist and the summary "FAILED name")
-  local pieces=sym,norm,rope,act,inplace
+  local pieces=sym,norm,rope,act,inplace,tail
+  failed "\(add_norm\|fused_cuda_pieces.*tail\]\|given.*tail\]\)" "$1" && pieces=${pieces/,tail/}
   failed "\(in_place\|fused_cuda_pieces.*inplace\]\)" "$1" && pieces=${pieces/,inplace/}
   failed "symmetric" "$1" && pieces=${pieces/sym,/}
   failed "\(epilogue\|fused_cuda_pieces.*-sym,norm,rope,act\]\)" "$1" && pieces=${pieces/,act/}
@@ -49,6 +50,9 @@ fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose G
   echo "export MLX_LLAMA_CUDA_FUSE=${pieces%,}"
   failed "decode_attention_equals_mlx_attention\[none" "$1" && echo "export MLX_LLAMA_CUDA_ATTENTION=0"
   true
+}
+host_time() {  # a compiled step's host time, built and submitted (profile_decode.py --host), Q4_0, 128 cached
+  timeout 70 python3 scripts/profile_decode.py "$Q40" --host --context 128 --steps 96 2>&1 | tail -1 | tee -a "$OUT/host.txt"
 }
 wait_llama_bench() {  # up to $1 × 5 s for the background build
   for i in $(seq "$1"); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
@@ -94,7 +98,7 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for 2 a
         --row "mlx_llama, without inplace;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act")
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-elif [ "${1:-1}" = e1 ]; then  # after stash, ~3 min: the compiled step's GPU tests (given tokens, the fused pieces), files
+elif [ "${1:-1}" = f1 ]; then  # after stash, ~4 min: the compiled step's GPU tests, files, a step's host time
   step setup
   source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
@@ -102,26 +106,28 @@ elif [ "${1:-1}" = e1 ]; then  # after stash, ~3 min: the compiled step's GPU te
   offline_vocab
   make_files 300 > "$OUT/make_files.txt" 2>&1 &
   files=$!
-  step "GPU tests, 8 processes: the compiled step on given tokens, the fused pieces, in place"
-  timeout 200 python3 -m pytest -v -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
-      -k "given or fused_cuda_pieces or in_place or inplace or equals_the_model" > "$OUT/gpu_tests.txt" 2>&1
+  step "GPU tests, 8 processes: the compiled step (given tokens, the fused pieces), the kernels it runs"
+  timeout 220 python3 -m pytest -v -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
+      -k "given or fused_cuda_pieces or in_place or add_norm or add_rms_norm or equals_the_model or decode_attention" \
+      > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
   step "7B files"
   wait $files; cat "$OUT/make_files.txt"
+  source /root/stash/attn.env
+  step "a step's host time (Q4_0, 128 cached; llama-bench builds meanwhile): $MLX_LLAMA_CUDA_FUSE, then without tail"
+  host_time
+  MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/} host_time
   tail -1 /root/llama.cpp/build.log
-elif [ "${1:-1}" = e2 ]; then  # after e1: a step's host time (during, then after llama-bench's build), then the table
+elif [ "${1:-1}" = f2 ]; then  # after f1: the table, and the defaults without tail on Q4_0
   source /root/stash/env.sh
   cat /root/stash/attn.env && source /root/stash/attn.env
-  host() { timeout 70 python3 scripts/profile_decode.py "$Q40" --host --context 128 --steps 96 2>&1 | tail -1 | tee -a "$OUT/host.txt"; }
-  step "host time per step while llama-bench builds (Q4_0, 128 cached)"; host
   step "wait for llama-bench"
   wait_llama_bench 60
-  step "host time per step, the build done: defaults, then one CUDA graph a step"; host
-  MLX_MAX_OPS_PER_BUFFER=2000 MLX_MAX_MB_PER_BUFFER=1000000 host
   step "end to end"
-  timeout 400 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm \
-      --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+  timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
+      --row "mlx_llama, without tail;MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/}" \
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = long ]; then  # the warm host after d1: decoding at 2000 cached positions, attention split or not
   source /root/stash/env.sh
   [ -f /root/stash/attn.env ] && source /root/stash/attn.env
