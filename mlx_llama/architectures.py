@@ -92,6 +92,7 @@ class ModelConfig:
     rope_theta_swa: float = 10000.0  # rope.freq_base_swa, the local layers' base
     final_logit_softcap: float = 0.0  # logits = cap · tanh(logits / cap) (0: none)
     fused_qkv: bool = False  # attn_qkv instead of attn_q, attn_k, attn_v
+    fused_qk: bool = False  # attn_qk ([q; k]) and attn_v: fused at load on NVIDIA GPUs where v's form differs (Q4_K_M)
     fused_gate_up: bool = False  # ffn_up holds [gate; up] (Phi-3's files; fused at load on NVIDIA GPUs)
     gate_up_interleaved: bool = False  # that fused ffn_up's rows alternate gate, up (fused at load for `cuda_affine`'s epilogue)
     biases: tuple[str, ...] = ()  # the linear layers that carry a bias (GGUF names, "output" included)
@@ -301,6 +302,7 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.rope_factors != "none":
         shapes[f"{cfg.rope_factors}.weight"] = (cfg.rope_dims // 2,)
     outs = {"attn_q": cfg.q_dim, "attn_k": cfg.kv_dim, "attn_v": cfg.kv_dim, "attn_qkv": cfg.q_dim + 2 * cfg.kv_dim,
+            "attn_qk": cfg.q_dim + cfg.kv_dim,
             "attn_output": d, "ffn_gate": f_, "ffn_up": 2 * f_ if cfg.fused_gate_up else f_, "ffn_down": d}
     ins = {"attn_output": cfg.q_dim, "ffn_down": f_}
     for i in range(cfg.num_layers):
@@ -314,7 +316,7 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def layer_linears(cfg: ModelConfig) -> tuple[str, ...]:
-    attention = ("attn_qkv",) if cfg.fused_qkv else ("attn_q", "attn_k", "attn_v")
+    attention = ("attn_qkv",) if cfg.fused_qkv else ("attn_qk", "attn_v") if cfg.fused_qk else ("attn_q", "attn_k", "attn_v")
     ffn = ("ffn_up", "ffn_down") if cfg.fused_gate_up else FFN_LINEARS
     return (*attention, "attn_output", *ffn)
 

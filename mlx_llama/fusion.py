@@ -1,5 +1,6 @@
-"""Projections that read the same input, fused into one matrix at load: q, k, v → attn_qkv and
-gate, up → ffn_up ([gate; up], as Phi-3's files hold them).
+"""Projections that read the same input, fused into one matrix at load: q, k, v → attn_qkv (or,
+where v's form differs from q's and k's, as in Q4_K_M files: q, k → attn_qk) and gate, up → ffn_up
+([gate; up], as Phi-3's files hold them).
 
 On a GPU a decoded token's time goes to reading the weights and to launching kernels; one
 matrix-vector product instead of three (two) reads the same bytes with fewer launches and
@@ -17,7 +18,8 @@ import mlx.core as mx
 from .architectures import ModelConfig
 
 GROUPS = {"attn": (("attn_q", "attn_k", "attn_v"), "attn_qkv", "fused_qkv"),
-          "ffn": (("ffn_gate", "ffn_up"), "ffn_up", "fused_gate_up")}
+          "ffn": (("ffn_gate", "ffn_up"), "ffn_up", "fused_gate_up"),
+          "qk": (("attn_q", "attn_k"), "attn_qk", "fused_qk")}  # after "attn": where q, k, v did not fuse
 
 
 def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interleave: bool = False,
@@ -28,14 +30,15 @@ def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interle
     act(gate) · up itself (`cuda_affine.matvec(epilogue=…)`)."""
     arrays = dict(weights)
     for group, (parts, fused, flag) in GROUPS.items():
-        if getattr(cfg, flag):
+        if getattr(cfg, flag) or (group == "qk" and cfg.fused_qkv):
             continue
         alternate = interleave and group == "ffn"
-        paths = [[f"blk.{i}.{group}.{p}" for p in parts] for i in range(cfg.num_layers)]
+        prefix = "attn" if group == "qk" else group
+        paths = [[f"blk.{i}.{prefix}.{p}" for p in parts] for i in range(cfg.num_layers)]
         if not all(_same_form(layer, quantized, blocks, arrays) for layer in paths):
             continue
         for i, layer in enumerate(paths):
-            target = f"blk.{i}.{group}.{fused}"
+            target = f"blk.{i}.{prefix}.{fused}"
             names = sorted({k[len(layer[0]) + 1:] for k in arrays if k.startswith(layer[0] + ".")})
             stacked = {f"{target}.{n}": _stack([arrays.pop(f"{p}.{n}") for p in layer], alternate) for n in names}
             mx.eval(list(stacked.values()))

@@ -114,6 +114,9 @@ class Attention(nn.Module):
         d = cfg.hidden_size
         if cfg.fused_qkv:
             self.attn_qkv = linear(cfg, "attn_qkv", d, cfg.q_dim + 2 * cfg.kv_dim)
+        elif cfg.fused_qk:
+            self.attn_qk = linear(cfg, "attn_qk", d, cfg.q_dim + cfg.kv_dim)
+            self.attn_v = linear(cfg, "attn_v", d, cfg.kv_dim)
         else:
             self.attn_q = linear(cfg, "attn_q", d, cfg.q_dim)
             self.attn_k = linear(cfg, "attn_k", d, cfg.kv_dim)
@@ -133,6 +136,9 @@ class Attention(nn.Module):
         if "attn_qkv" in self:
             qkv = self.attn_qkv(x)
             return qkv[..., : self.q_dim], qkv[..., self.q_dim : self.q_dim + self.kv_dim], qkv[..., self.q_dim + self.kv_dim :]
+        if "attn_qk" in self:
+            qk = self.attn_qk(x)
+            return qk[..., : self.q_dim], qk[..., self.q_dim :], self.attn_v(x)
         return self.attn_q(x), self.attn_k(x), self.attn_v(x)
 
     def __call__(self, x: mx.array, cache: KVCache | list[KVCache | None] | None) -> mx.array:
@@ -176,6 +182,10 @@ class Attention(nn.Module):
         if rope is not None and "attn_qkv" in self and "attn_q_norm" not in self:
             q = k = v = self.attn_qkv(x)
             offsets = (0, self.q_dim, self.q_dim + self.kv_dim)
+        elif rope is not None and "attn_qk" in self and "attn_q_norm" not in self:
+            q = k = self.attn_qk(x)
+            v = self.attn_v(x)
+            offsets = (0, self.q_dim, 0)
         elif rope is not None and "attn_q_norm" not in self:  # flat, as the kernel reads them: no reshapes
             q, k, v = self.projections(x)
             offsets = (0, 0, 0)

@@ -265,7 +265,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 MODELS = [("llama", "Q4_0", {}), ("llama", "Q4_1", {}), ("llama", "Q8_0", {}),  # SiLU; Q4_0/Q8_0 symmetric
           ("gemma3", "Q4_0", {"arch": "gemma3", "n_layers": 3, "softcap": 20.0}),  # GELU, sliding window
           ("qwen3", "Q8_0", {"arch": "qwen3", "head_dim": 32, "n_kv_heads": 1}),  # q/k norms, head size 32
-          ("fused-qkv", "Q4_0", {"fused_qkv": True, "biases": ("attn_qkv", "attn_output", "ffn_down")})]
+          ("fused-qkv", "Q4_0", {"fused_qkv": True, "biases": ("attn_qkv", "attn_output", "ffn_down")}),
+          ("qk-fused-alone", {"default": "Q4_0", "attn_v": "Q8_0"}, {})]  # v of another form: attn_qk and attn_v
 
 
 def _affine(fn, dt, bits, nt=1, rows=70, k=1056, **kw):
@@ -317,7 +318,7 @@ def _decode(tmp: Path, label: str, ttype: str, kw: dict, dt):
     from mlx_llama import decode_step
     from mlx_llama.generation import prefill
 
-    vocab, path = tmp / "vocab.gguf", tmp / f"{label}-{ttype}.gguf"  # a vocabulary made here: no download
+    vocab, path = tmp / "vocab.gguf", tmp / f"{label}-{ttype if isinstance(ttype, str) else 'mixed'}.gguf"  # no download
     if not path.exists():
         make_tiny(path, tensor_type=ttype, embed_std=0.5, vocab_from=vocab if vocab.exists() else make_tiny_vocab(vocab),
                   **kw)

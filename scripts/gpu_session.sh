@@ -108,7 +108,7 @@ elif [ "${1:-1}" = f1 ]; then  # after stash, ~4 min: the compiled step's GPU te
   files=$!
   step "GPU tests, 8 processes: the compiled step (given tokens, the fused pieces), the kernels it runs"
   timeout 220 python3 -m pytest -v -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
-      -k "given or fused_cuda_pieces or in_place or add_norm or add_rms_norm or equals_the_model or decode_attention" \
+      -k "given or fused_cuda_pieces or fused_alone or in_place or add_norm or add_rms_norm or equals_the_model or decode_attention" \
       > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env

@@ -101,6 +101,22 @@ def test_steps_on_given_tokens_evaluated_together(name, pieces, tiny_gguf, small
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_q_and_k_fused_alone(name, tiny_gguf, small_steps, monkeypatch):
+    """v of another form than q and k (as in Q4_K_M files): q and k fused at load (`fusion`, on by
+    default on NVIDIA GPUs), the attention kernel reading them from one array and v from another."""
+    from mlx_llama.gguf_file import GGUFFile
+    from mlx_llama.loader import load_model
+
+    path = tiny(tiny_gguf, {"default": "Q4_0", "attn_v": "Q8_0"}, **PEAKED, **VARIANTS[name])
+    apart = load_model(GGUFFile(path), dtype=mx.float16, cpu_dequantize=False, fuse=False)
+    model = load_model(GGUFFile(path), dtype=mx.float16, cpu_dequantize=False, fuse=True)
+    assert model.config.fused_qk and "attn_qk" in model.blk[0].attn
+    eager, compiled = decode(apart, False, monkeypatch), decode(model, True, monkeypatch)
+    assert np.abs(eager - compiled).max() <= 4e-2, name
+    assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_compiled_step_in_the_cpu_mode(name, tiny_gguf, small_steps, monkeypatch):
     """float32, weights expanded (the CPU's default): float32 sums in another order only."""
     model, _ = mlx_llama.load(tiny(tiny_gguf, "Q8_0", **PEAKED, **VARIANTS[name]), dtype=mx.float32)
