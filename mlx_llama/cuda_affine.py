@@ -296,10 +296,11 @@ _MATVEC = r"""
     }
 """
 
-# The residual add and RMS norm after a product, in its kernel (`matvec_add_norm`): the grid's last
-# block to finish (a counter each block bumps after its rows are written) computes, for each row t,
-# h = resid + out (rounded to OutT, as MLX's add stores it), the sum of h² in float32, then
-# y = nweight · OutT(h · rsqrt(mean(h²) + eps)) — `cuda_norm`'s arithmetic — and resets the counter.
+# The residual add and RMS norm after a product, in its kernel (`matvec_add_norm`,
+# `cuda_kernels.block_matvec_add_norm`): the grid's last block to finish (a counter each block bumps
+# after its rows are written) computes, for each row t, hsum = resid + out (rounded to OutT, as MLX's
+# add stores it), the sum of its squares in float32, then normed = nweight · OutT(hsum · rsqrt(mean +
+# eps)) — `cuda_norm`'s arithmetic — and resets the counter. Needs tid, lane, wid, WARPS, THREADS.
 _NORM_TAIL = r"""
     __shared__ unsigned int is_last;
     __shared__ float wsum[WARPS];
@@ -319,7 +320,7 @@ _NORM_TAIL = r"""
         for (int i = tid; i < ROWS; i += THREADS) {
             const int64_t at = int64_t(t) * ROWS + i;
             const OutT hv = static_cast<OutT>(static_cast<float>(resid[at]) + load_l2(out + at));
-            h[at] = hv;
+            hsum[at] = hv;
             ss += static_cast<float>(hv) * static_cast<float>(hv);
         }
 #pragma unroll
@@ -333,8 +334,8 @@ _NORM_TAIL = r"""
         const float n = rsqrtf(total / ROWS + __int_as_float(EPS_BITS));
 #pragma unroll 8
         for (int i = tid; i < ROWS; i += THREADS) {
-            const int64_t at = int64_t(t) * ROWS + i;  // h[at]: this thread's own write
-            y[at] = static_cast<OutT>(static_cast<float>(nweight[i]) * static_cast<float>(static_cast<OutT>(static_cast<float>(h[at]) * n)));
+            const int64_t at = int64_t(t) * ROWS + i;  // hsum[at]: this thread's own write
+            normed[at] = static_cast<OutT>(static_cast<float>(nweight[i]) * static_cast<float>(static_cast<OutT>(static_cast<float>(hsum[at]) * n)));
         }
     }
 """
@@ -413,7 +414,7 @@ def matvec_add_norm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array
     nt = x.size // k
     r = max(1, ROWS_PER_BLOCK // nt)
     _, h, y = kernel("mlx_llama_affine_matvec_add_norm", ["x", "w", "scales", "biases", "resid", "nweight", "counter"],
-                     ["out", "h", "y"], _MATVEC + _NORM_TAIL)(
+                     ["out", "hsum", "normed"], _MATVEC + _NORM_TAIL)(
         inputs=[x, w, scales, biases, resid, weight, counter],
         template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
                   ("R", r), ("SYM", int(symmetric)), ("ACT", 0), ("EPI", 0), ("LEAN", int(LEAN)),

@@ -176,6 +176,32 @@ def _kernel(kind: str, ggml_type: int):
     return cuda_affine.kernel(f"mlx_llama_{kind}_{ggml_type}", inputs, ["out"], body, HEADER)
 
 
+@functools.cache
+def _q6_k_add_norm():
+    return cuda_affine.kernel("mlx_llama_matvec_add_norm_14", ["x", *_FIELDS[Q6_K], "resid", "nweight", "counter"],
+                              ["out", "hsum", "normed"], _Q6_K_MATVEC.format() + cuda_affine._NORM_TAIL, HEADER)
+
+
+def block_matvec_add_norm(x: mx.array, fields: dict, resid: mx.array, weight: mx.array, eps: float,
+                          counter: mx.array) -> tuple[mx.array, mx.array]:
+    """(h, y): h = resid + x @ W.T for Q6_K blocks W, y = rms_norm(h, weight, eps), in one kernel
+    (`cuda_affine.matvec_add_norm`'s tail on `block_matvec`'s product; its counter likewise)."""
+    from .cuda_attention import float_bits
+
+    rows, nb = fields["d"].shape
+    lead = x.shape[:-1]
+    nt = x.size // x.shape[-1]
+    r = max(1, Q6_K_ROWS // nt)
+    _, h, y = _q6_k_add_norm()(
+        inputs=[x, *(fields[k] for k in _FIELDS[Q6_K]), resid, weight, counter],
+        template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r), ("ACT", 0),
+                  ("EPS_BITS", float_bits(eps)), ("OutT", x.dtype)],
+        grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
+        output_shapes=[(*lead, rows)] * 3, output_dtypes=[x.dtype] * 3,
+    )
+    return h, y
+
+
 def dequantize(ggml_type: int, fields: dict, dtype: mx.Dtype) -> mx.array:
     """(rows, nb, …) blocks → (rows, nb · 256) weights in `dtype`."""
     rows, nb = fields["d"].shape

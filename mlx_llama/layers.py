@@ -84,9 +84,12 @@ def deferred(layer: nn.Module, x: mx.array) -> mx.array | Pending:
     """layer(x), or a `Pending` product where the add and norm after it can join its CUDA matvec
     (the "tail" piece: an affine layer without bias, a few rows of x)."""
     k = x.shape[-1]
-    if (fused_kernels("tail") and type(layer) is AffineLinear and "bias" not in layer and cuda_affine.available()
-            and cuda_affine.supported(layer.bits, layer.group_size, k) and x.size // k <= cuda_affine.MATVEC_MAX_ROWS
-            and not cuda_mma.serves(x, layer.bits, k, 0)):
+    if not fused_kernels("tail") or "bias" in layer or not cuda_affine.available() or x.size // k > cuda_affine.MATVEC_MAX_ROWS:
+        return layer(x)
+    if type(layer) is AffineLinear and cuda_affine.supported(layer.bits, layer.group_size, k) \
+            and not cuda_mma.serves(x, layer.bits, k, 0):
+        return Pending(layer, x)
+    if type(layer) is BlockLinear and layer.ggml_type == Q6_K and cuda_kernels.available():
         return Pending(layer, x)
     return layer(x)
 
@@ -101,6 +104,8 @@ def add_norm_after(p: Pending, resid: mx.array, norm: nn.Module) -> tuple[mx.arr
     layer = p.layer
     if getattr(layer, "norm_counter", None) is None:
         layer.norm_counter = _Counter()
+    if type(layer) is BlockLinear:
+        return cuda_kernels.block_matvec_add_norm(p.x, layer.fields(), resid, norm.weight, norm.eps, layer.norm_counter.array)
     return cuda_affine.matvec_add_norm(p.x, layer["weight"], layer["scales"], layer["biases"], layer.bits, resid, norm.weight,
                                        norm.eps, layer.norm_counter.array, symmetric=getattr(layer, "symmetric", False))
 

@@ -293,6 +293,17 @@ def _blocks(mod, dt, ggml_type, nt=0, **kw):  # nt 0: dequantize
     return mod.block_matvec(mx.zeros((nt, nb * 256 * (2 if kw.get("act") else 1)), dt), ggml_type, fields, **kw)
 
 
+def _q6_k_norm(mod, dt, nt):
+    import numpy as np
+
+    from mlx_llama import quants
+
+    rows, nb = 39, 6
+    fields = quants.split_blocks(quants.Q6_K, np.zeros((rows, nb, 210), np.uint8)).fields
+    return mod.block_matvec_add_norm(mx.zeros((nt, nb * 256), dt), fields, mx.zeros((nt, rows), dt), mx.zeros((rows,), dt),
+                                     1e-5, mx.zeros((1,), mx.uint32))
+
+
 def _attention(mod, dt, d, hq, hkv, window, rope=None, cap=768, in_place=False, split=False):
     if split:  # the capacity over several blocks per head, and the kernel that combines them
         os.environ["MLX_LLAMA_ATTENTION_SPLIT_FROM"] = "1024"
@@ -364,6 +375,8 @@ def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
         for rows, k, kw in ((70, 1024, {}), (256, 4096, {"symmetric": True}), (16, 384, {"act": 1}),
                             (70, 1024, {"act": 2})) if mma and name == "float16" else ():  # float16 only
             add(f"cuda_mma.matvec rows={rows} k={k} {kw} {name}", _affine, mma.matvec, dt, 4, 1, rows, k, **kw)
+        for nt in (1, 3) if blk and name != "bfloat16" else ():
+            add(f"cuda_kernels.block_matvec_add_norm nt={nt} {name}", _q6_k_norm, blk, dt, nt)
         for t, nt, kw in [(t, nt, {}) for t in (quants.Q6_K, quants.Q2_K) for nt in (0, 1, 3, 8)] + [
                 (quants.Q6_K, 1, {"act": 1}), (quants.Q6_K, 1, {"act": 2})] if blk else ():
             add(f"cuda_kernels type={t} nt={nt} {kw} {name}", _blocks, blk, dt, t, nt, **kw)

@@ -296,6 +296,27 @@ def test_matvec_add_norm_equals_the_matvec_then_add_rms_norm(symmetric, nt, rows
         assert counter.item() == 0, i
 
 
+@pytest.mark.parametrize("nt, rows, nb", [(1, 4096, 43), (3, 39, 6)])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["f16", "f32"])
+def test_q6_k_matvec_add_norm_equals_the_matvec_then_add_rms_norm(nt, rows, nb, dtype):
+    """The same tail after the Q6_K block matvec (Q4_K_M's ffn_down in half the layers)."""
+    from mlx_llama import cuda_norm
+
+    fields = random_fields(quants.Q6_K, rows, nb, seed=rows)
+    rng = np.random.default_rng(nb)
+    counter = mx.zeros((1,), mx.uint32)
+    for i in range(3):
+        x = mx.array(rng.standard_normal((nt, nb * 256)) * 0.1, dtype)
+        resid = mx.array(rng.standard_normal((nt, rows)), dtype)
+        weight = mx.array(rng.standard_normal(rows), dtype)
+        h, y = cuda_kernels.block_matvec_add_norm(x, fields, resid, weight, 1e-5, counter)
+        want_h, want_y = cuda_norm.add_rms_norm(resid, cuda_kernels.block_matvec(x, quants.Q6_K, fields), weight, 1e-5)
+        np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32)))
+        tol = 2e-3 if dtype == mx.float16 else 1e-5
+        np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(want_y.astype(mx.float32)), rtol=tol, atol=tol)
+        assert counter.item() == 0, i
+
+
 @pytest.mark.parametrize("bits", [4, 5, 8])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
 def test_affine_matvec_symmetric_form(bits, dtype):
