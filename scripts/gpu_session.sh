@@ -8,7 +8,8 @@
 #            under Nsight Compute; then the table (defaults, llama-bench, mlx-lm first),
 #            then rows for 2 steps ahead, one CUDA graph per step (MLX_MAX_OPS_PER_BUFFER) and
 #            without inplace, on Q4_0
-#   f1, f2: the GPU tests of the compiled step and its kernels, a step's host time (built, submitted;
+#   f0, f1, f2: the stash call that also starts llama-bench's build (carry .gpu1 and .gpuwork); the GPU
+#            tests of the compiled step and its kernels, a step's host time (built, submitted;
 #            profile_decode.py --host) with and without tail; then the table, and a row without tail
 #   long (after d1): 2000 positions cached, the attention split or not; explore: d1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
@@ -98,9 +99,12 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for 2 a
         --row "mlx_llama, without inplace;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act")
   timeout 570 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check "${rows[@]}" --mlx-lm \
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-elif [ "${1:-1}" = f1 ]; then  # after stash, ~4 min: the compiled step's GPU tests, files, a step's host time
+elif [ "${1:-1}" = f0 ]; then  # with the stash call (carry .gpu1 and .gpuwork, which holds llama.cpp's source): the build starts
+  bash .gpu1/stash.sh && cp .gpuwork/llama.cpp-src.tar.xz /root/stash/ && bash .gpuwork/build_llama_bench.sh
+elif [ "${1:-1}" = f1 ]; then  # after f0, ~4 min: the compiled step's GPU tests, files, a step's host time
   step setup
-  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
+  source .gpu2/setup.sh
+  [ -f /root/llama.cpp/build.log ] || bash .gpu2/build_llama_bench.sh  # started by f0 already
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   offline_vocab
