@@ -52,14 +52,16 @@ def single(model, **settings) -> dict:
 
 
 def assert_same_run(got: dict, ref: dict, exact: bool, tolerance: float = 1e-4) -> None:
-    """Logits within `tolerance` (bit for bit when `exact`), the same greedy tokens, the same
-    perplexity (to 4 decimals; a random model's is ~1e6, where float32 sums in another order
-    move it by ~1e-7 of its value)."""
+    """Logits within `tolerance` (when `exact`: within float32 rounding, 2e-6 of the logits' scale —
+    the same sums; a BLAS may still order a split matrix's products otherwise: OpenBLAS on an AMD
+    EPYC differs by ~6e-7 of the scale where an Intel CPU gave the same bits), the same greedy
+    tokens, the same perplexity (to 4 decimals; a random model's is ~1e6, where float32 sums in
+    another order move it by ~1e-7 of its value)."""
     delta = np.abs(got["logits"] - ref["logits"]).max()
-    assert delta == 0 if exact else delta <= tolerance, delta
+    assert delta <= (2e-6 * np.abs(ref["logits"]).max() if exact else tolerance), delta
     assert got["greedy"] == ref["greedy"]
     if ref["ppl"] is not None:
-        assert got["ppl"] == pytest.approx(ref["ppl"], rel=0 if exact else 1e-6, abs=5e-5)
+        assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-6, abs=5e-5)
 
 
 # -- the same numbers as one process --------------------------------------------------------------
