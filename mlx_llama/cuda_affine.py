@@ -314,14 +314,28 @@ _NORM_TAIL = r"""
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    // V values per 16-byte load where the rows allow (out through L2: other blocks wrote it)
+    constexpr int V = ROWS % (16 / sizeof(OutT)) == 0 ? 16 / sizeof(OutT) : 1;
     for (int t = 0; t < NT; ++t) {
         float ss = 0.0f;
-#pragma unroll 8
-        for (int i = tid; i < ROWS; i += THREADS) {
-            const int64_t at = int64_t(t) * ROWS + i;
-            const OutT hv = static_cast<OutT>(static_cast<float>(resid[at]) + load_l2(out + at));
-            hsum[at] = hv;
-            ss += static_cast<float>(hv) * static_cast<float>(hv);
+#pragma unroll 4
+        for (int c = tid * V; c < ROWS; c += THREADS * V) {
+            const int64_t at = int64_t(t) * ROWS + c;
+            alignas(16) OutT rv[V], ov[V], hv[V];
+            if constexpr (V > 1) {
+                *reinterpret_cast<uint4*>(rv) = *reinterpret_cast<const uint4*>(resid + at);
+                *reinterpret_cast<uint4*>(ov) = __ldcg(reinterpret_cast<const uint4*>(out + at));
+            } else {
+                rv[0] = resid[at];
+                ov[0] = static_cast<OutT>(load_l2(out + at));
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                hv[j] = static_cast<OutT>(static_cast<float>(rv[j]) + static_cast<float>(ov[j]));
+                ss += static_cast<float>(hv[j]) * static_cast<float>(hv[j]);
+            }
+            if constexpr (V > 1) *reinterpret_cast<uint4*>(hsum + at) = *reinterpret_cast<const uint4*>(hv);
+            else hsum[at] = hv[0];
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
@@ -332,10 +346,22 @@ _NORM_TAIL = r"""
         for (int k = 0; k < WARPS; ++k) total += wsum[k];
         __syncthreads();  // wsum read by all before the next row's sums
         const float n = rsqrtf(total / ROWS + __int_as_float(EPS_BITS));
-#pragma unroll 8
-        for (int i = tid; i < ROWS; i += THREADS) {
-            const int64_t at = int64_t(t) * ROWS + i;  // hsum[at]: this thread's own write
-            normed[at] = static_cast<OutT>(static_cast<float>(nweight[i]) * static_cast<float>(static_cast<OutT>(static_cast<float>(hsum[at]) * n)));
+#pragma unroll 4
+        for (int c = tid * V; c < ROWS; c += THREADS * V) {
+            const int64_t at = int64_t(t) * ROWS + c;  // hsum[at..]: this thread's own writes
+            alignas(16) OutT hv[V], wv[V], yv[V];
+            if constexpr (V > 1) {
+                *reinterpret_cast<uint4*>(hv) = *reinterpret_cast<const uint4*>(hsum + at);
+                *reinterpret_cast<uint4*>(wv) = *reinterpret_cast<const uint4*>(nweight + c);
+            } else {
+                hv[0] = hsum[at];
+                wv[0] = nweight[c];
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                yv[j] = static_cast<OutT>(static_cast<float>(wv[j]) * static_cast<float>(static_cast<OutT>(static_cast<float>(hv[j]) * n)));
+            if constexpr (V > 1) *reinterpret_cast<uint4*>(normed + at) = *reinterpret_cast<const uint4*>(yv);
+            else normed[at] = yv[0];
         }
     }
 """
