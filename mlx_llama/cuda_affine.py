@@ -38,10 +38,10 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in spec.split(",")) if spec else default
 
 
-PIECES = ("sym", "norm", "rope", "glu", "act", "inplace", "tail")  # the fused decode pieces, as `fused_kernels` names them
-# sym..inplace measured on an H200 (BENCHMARKS.md); tail: one kernel fewer per sublayer for a host-bound
-# step, its GPU tests and figures due in the next H200 run; "glu" is opt-in
-FUSED_DEFAULT = "sym,norm,rope,act,inplace,tail"
+PIECES = ("sym", "norm", "rope", "glu", "act", "inplace", "tail", "embed")  # the fused decode pieces, as `fused_kernels` names them
+# sym..inplace measured on an H200 (BENCHMARKS.md); tail, embed: fewer kernels for a host-bound step,
+# their GPU tests and figures due in the next H200 run; "glu" is opt-in
+FUSED_DEFAULT = "sym,norm,rope,act,inplace,tail,embed"
 
 
 def fused_kernels(piece: str) -> bool:
@@ -52,7 +52,8 @@ def fused_kernels(piece: str) -> bool:
     interleaved at load, the gated activation computed as their matvec writes), inplace (the
     decode attention writes the new key and value into the cache buffer itself: no scatter), tail
     (the residual add and norm after the attention's and the feed-forward's output projections
-    done by those projections' matvecs: `matvec_add_norm`)."""
+    done by those projections' matvecs: `matvec_add_norm`), embed (a decoded token's embedding row
+    in one kernel: `cuda_embed`)."""
     return piece in os.environ.get("MLX_LLAMA_CUDA_FUSE", FUSED_DEFAULT).split(",")
 
 

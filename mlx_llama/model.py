@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_attention, cuda_norm, kernels
+from . import cuda_attention, cuda_embed, cuda_norm, kernels
 from .architectures import ModelConfig
 from .cache import KVCache
 from .layers import (BlockLinear, Embedding, Linear, block_layer, deferred, fused_kernels, gated_product,
@@ -312,6 +312,8 @@ class Model(nn.Module):
 
     def embed(self, tokens: mx.array) -> mx.array:
         """tokens: (B, T) int → the first block's input (B, T, hidden), in the activation dtype."""
+        if cuda_embed.serves(self.token_embd, tokens):  # one kernel (NVIDIA GPUs), the same numbers
+            return cuda_embed.lookup(self.token_embd, tokens, self.embed_scale, self.dtype)
         h = self.token_embd(tokens)
         if self.embed_scale:
             h = h * self.embed_scale

@@ -41,7 +41,8 @@ failed() { grep -q "$1.* FAILED\|FAILED.*$1" "$2"; }  # a test whose name matche
 fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose GPU tests failed
   # (pytest -v lines, "tests/…::test_name[…] FAILED"; read as far as the run got)
   # (either order: pytest -v "name FAILED", xdist and the summary "FAILED name")
-  local pieces=sym,norm,rope,act,inplace,tail
+  local pieces=sym,norm,rope,act,inplace,tail,embed
+  failed "embedding_row" "$1" && pieces=${pieces/,embed/}
   failed "\(add_norm\|fused_cuda_pieces.*tail\]\|given.*tail\]\)" "$1" && pieces=${pieces/,tail/}
   failed "\(in_place\|fused_cuda_pieces.*inplace\]\)" "$1" && pieces=${pieces/,inplace/}
   failed "symmetric" "$1" && pieces=${pieces/sym,/}
@@ -112,7 +113,7 @@ elif [ "${1:-1}" = f1 ]; then  # after f0, ~4 min: the compiled step's GPU tests
   files=$!
   step "GPU tests, 8 processes: the compiled step (given tokens, the fused pieces), the kernels it runs"
   timeout 220 python3 -m pytest -v -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
-      -k "given or fused_cuda_pieces or fused_alone or in_place or add_norm or add_rms_norm or equals_the_model or decode_attention" \
+      -k "given or fused_cuda_pieces or fused_alone or in_place or add_norm or add_rms_norm or equals_the_model or decode_attention or embedding_row" \
       > "$OUT/gpu_tests.txt" 2>&1
   grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
   fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
@@ -122,6 +123,7 @@ elif [ "${1:-1}" = f1 ]; then  # after f0, ~4 min: the compiled step's GPU tests
   step "a step's host time (Q4_0, 128 cached; llama-bench builds meanwhile): $MLX_LLAMA_CUDA_FUSE, then without tail"
   host_time
   MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/} host_time
+  MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace host_time  # the defaults the last table measured
   tail -1 /root/llama.cpp/build.log
 elif [ "${1:-1}" = f2 ]; then  # after f1: the table, and the defaults without tail on Q4_0
   source /root/stash/env.sh
@@ -131,6 +133,7 @@ elif [ "${1:-1}" = f2 ]; then  # after f1: the table, and the defaults without t
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
       --row "mlx_llama, without tail;MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/}" \
+      --row "mlx_llama, without tail and embed;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = long ]; then  # the warm host after d1: decoding at 2000 cached positions, attention split or not
   source /root/stash/env.sh

@@ -317,6 +317,25 @@ def test_q6_k_matvec_add_norm_equals_the_matvec_then_add_rms_norm(nt, rows, nb, 
         assert counter.item() == 0, i
 
 
+@pytest.mark.parametrize("arch, tensor_type", [("llama", "Q4_0"), ("llama", "Q8_0"), ("llama", "Q5_1"), ("gemma3", "Q4_0")])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["f16", "f32"])
+def test_embedding_row_kernel_equals_mlx_ops(arch, tensor_type, dtype, tiny_gguf, monkeypatch):
+    """The "embed" piece: a decoded token's rows in one kernel, the same numbers as MLX's gathers
+    and dequantization (gemma3: times its embedding scale)."""
+    import mlx_llama
+    from mlx_llama import cuda_embed
+
+    model, _ = mlx_llama.load(tiny_gguf(tensor_type, arch=arch, embed_std=0.5), dtype=dtype, cpu_dequantize=False)
+    for tokens in (mx.array([[5]]), mx.array([[7, 300, 2]]), mx.array([[1], [9], [511]])):
+        monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "embed")
+        assert cuda_embed.serves(model.token_embd, tokens)
+        got = model.embed(tokens)
+        monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "none")
+        want = model.embed(tokens)
+        assert got.shape == want.shape and got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
 @pytest.mark.parametrize("bits", [4, 5, 8])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["f32", "f16"])
 def test_affine_matvec_symmetric_form(bits, dtype):
