@@ -10,7 +10,8 @@
 #            without inplace, on Q4_0
 #   f0, f1, f2: the stash call that also starts llama-bench's build (carry .gpu1 and .gpuwork); the GPU
 #            tests of the compiled step and its kernels, a step's host time (built, submitted;
-#            profile_decode.py --host) with and without tail and embed; then the table, and a row without them
+#            profile_decode.py --host) with and without tail and embed, without CUDA graphs; then the
+#            table, and a row without CUDA graphs; f3: the table alone again (warm host)
 #   long (after d1): 2000 positions cached, the attention split or not; explore: d1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
@@ -124,15 +125,22 @@ elif [ "${1:-1}" = f1 ]; then  # after f0, ~4 min: the compiled step's GPU tests
   host_time
   MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/} host_time
   MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace host_time  # the defaults the last table measured
+  MLX_USE_CUDA_GRAPHS=0 host_time  # kernels launched one by one: no graph nodes, updates
   tail -1 /root/llama.cpp/build.log
-elif [ "${1:-1}" = f2 ]; then  # after f1: the table, and the last table's defaults (no tail, no embed) on Q4_0
+elif [ "${1:-1}" = f2 ]; then  # after f1: the table, and a row without CUDA graphs (kernels launched one by one) on Q4_0
   source /root/stash/env.sh
   cat /root/stash/attn.env && source /root/stash/attn.env
   step "wait for llama-bench"
   wait_llama_bench 60
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
-      --row "mlx_llama, without tail and embed;MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace" \
+      --row "mlx_llama, no CUDA graphs;MLX_USE_CUDA_GRAPHS=0" \
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+elif [ "${1:-1}" = f3 ]; then  # after f2 on the warm host: the table alone (defaults changed between calls)
+  source /root/stash/env.sh
+  cat /root/stash/attn.env && source /root/stash/attn.env
+  step "end to end"
+  timeout 500 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = long ]; then  # the warm host after d1: decoding at 2000 cached positions, attention split or not
   source /root/stash/env.sh
