@@ -57,27 +57,35 @@ fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose G
 host_time() {  # a compiled step's host time, built and submitted (profile_decode.py --host), Q4_0, 128 cached
   timeout 70 python3 scripts/profile_decode.py "$Q40" --host --context 128 --steps 96 2>&1 | tail -1 | tee -a "$OUT/host.txt"
 }
+kit_and_files() {  # MLX-CUDA set up (after the stash call), llama-bench's build started unless it is, xdist, the
+  # tests' vocabulary, the 7B files made in the background (their pid in $files)
+  step setup
+  source .gpu2/setup.sh
+  [ -f /root/llama.cpp/build.log ] || bash .gpu2/build_llama_bench.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  offline_vocab
+  make_files 300 > "$OUT/make_files.txt" 2>&1 &
+  files=$!
+}
+gpu_tests() {  # $1: seconds, then pytest's selection: 8 processes; the pieces whose tests pass into attn.env; the files
+  local limit=$1; shift
+  timeout "$limit" python3 -m pytest -v -n 8 -p no:cacheprovider "$@" > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
+  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
+  step "7B files"
+  wait $files; cat "$OUT/make_files.txt"
+  source /root/stash/attn.env
+}
 wait_llama_bench() {  # up to $1 × 5 s for the background build
   for i in $(seq "$1"); do grep -q BUILD_DONE /root/llama.cpp/build.log && break; sleep 5; done
   tail -1 /root/llama.cpp/build.log
 }
 
 if [ "${1:-1}" = d1 ]; then  # after stash: the kernels' tests in parallel (xdist from .gpuwork/whl), files, a token's time
-  step setup
-  source .gpu2/setup.sh && bash .gpu2/build_llama_bench.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  offline_vocab
-  make_files 300 > "$OUT/make_files.txt" 2>&1 &
-  files=$!
+  kit_and_files
   step "GPU tests, 8 processes (the tensor-core matvec's left out: it is off)"
-  timeout 240 python3 -m pytest -v -n 8 -p no:cacheprovider -k "not mma" tests/test_cuda_kernels.py tests/test_decode_step.py \
-      > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
-  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
-  step "7B files"
-  wait $files; cat "$OUT/make_files.txt"
-  source /root/stash/attn.env
+  gpu_tests 240 -k "not mma" tests/test_cuda_kernels.py tests/test_decode_step.py
   step "a token's time, 128 cached, compiled, pieces $MLX_LLAMA_CUDA_FUSE"
   timeout 80 python3 scripts/profile_decode.py "$Q40" --context 128 --steps 48 2>&1 | tail -5 | tee "$OUT/profile.txt"
   step "kernels per token under Nsight Compute"
@@ -103,24 +111,11 @@ elif [ "${1:-1}" = d2 ]; then  # the warm host after d1: the table, rows for 2 a
       --llama-bench "$LB" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = f0 ]; then  # with the stash call (carry .gpu1 and .gpuwork, which holds llama.cpp's source): the build starts
   bash .gpu1/stash.sh && cp .gpuwork/llama.cpp-src.tar.xz /root/stash/ && bash .gpuwork/build_llama_bench.sh
-elif [ "${1:-1}" = f1 ]; then  # after f0, ~4 min: the compiled step's GPU tests, files, a step's host time
-  step setup
-  source .gpu2/setup.sh
-  [ -f /root/llama.cpp/build.log ] || bash .gpu2/build_llama_bench.sh  # started by f0 already
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  offline_vocab
-  make_files 300 > "$OUT/make_files.txt" 2>&1 &
-  files=$!
+elif [ "${1:-1}" = f1 ]; then  # after f0, ~5 min: the compiled step's GPU tests, files, a step's host time
+  kit_and_files
   step "GPU tests, 8 processes: the compiled step (given tokens, the fused pieces), the kernels it runs"
-  timeout 220 python3 -m pytest -v -n 8 -p no:cacheprovider tests/test_decode_step.py tests/test_cuda_kernels.py \
-      -k "given or fused_cuda_pieces or fused_alone or in_place or add_norm or add_rms_norm or equals_the_model or decode_attention or embedding_row" \
-      > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.txt" | cut -c1-300 | tail -30
-  fuse_env_from_tests "$OUT/gpu_tests.txt" | tee /root/stash/attn.env
-  step "7B files"
-  wait $files; cat "$OUT/make_files.txt"
-  source /root/stash/attn.env
+  gpu_tests 220 tests/test_decode_step.py tests/test_cuda_kernels.py -k "given or fused_cuda_pieces or fused_alone or \
+in_place or add_norm or add_rms_norm or equals_the_model or decode_attention or embedding_row"
   step "a step's host time (Q4_0, 128 cached; llama-bench builds meanwhile): $MLX_LLAMA_CUDA_FUSE, then without tail"
   host_time
   MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/} host_time
