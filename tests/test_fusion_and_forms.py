@@ -88,3 +88,49 @@ def test_verbose_line_names_the_cuda_pieces(monkeypatch):
     monkeypatch.setenv("MLX_LLAMA_CUDA_ATTENTION", "0")
     monkeypatch.setenv("MLX_LLAMA_AFFINE_MMA", "1")
     assert _cuda_pieces() == " | CUDA: tensor cores matvecs, MLX's attention, fused none"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tail_products_reach_their_add_and_norm(arch, tiny_gguf, monkeypatch):
+    """The "tail" piece's wiring, on the CPU: with CUDA pretended and the two matvecs stood in for
+    by MLX's ops, each output projection is deferred (`layers.Pending`) and computed by the add and
+    norm after it — or alone where a sandwich norm (gemma3) or the model's end needs it — and the
+    logits, prompt and compiled decode steps alike, are the plain model's."""
+    from mlx_llama import cuda_affine, cuda_attention, layers
+    from mlx_llama.decode_step import decoder
+    from mlx_llama.generation import prefill
+
+    path = tiny_gguf("Q8_0", arch=arch, embed_std=0.5, n_layers=3 if arch == "gemma3" else 2)
+
+    def run(m):
+        cache = m.make_cache()
+        out = [prefill(m, mx.array([3, 17, 40], mx.int32), cache)]  # 3 rows: matvecs, deferred
+        step = decoder(m, cache, compiled=True)
+        for t in (5, 9, 2):
+            out.append(step(mx.array([t], mx.int32)))
+        return np.array(mx.concatenate(out))
+
+    want = run(load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False, fuse=False))  # before the stand-ins
+
+    def matvec(x, w, scales, biases, bits, **kw):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=32, bits=bits)
+
+    fused = []
+
+    def matvec_add_norm(x, w, scales, biases, bits, resid, weight, eps, counter, symmetric=False):
+        fused.append(x.shape)
+        h = resid + matvec(x, w, scales, biases, bits)
+        return h, mx.fast.rms_norm(h, weight, eps)
+
+    monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "tail")
+    monkeypatch.setattr(cuda_affine, "available", lambda: True)
+    monkeypatch.setattr(cuda_affine, "matvec", matvec)
+    monkeypatch.setattr(cuda_affine, "matvec_add_norm", matvec_add_norm)
+    monkeypatch.setattr(cuda_attention, "available", lambda: False)
+    model = load_model(GGUFFile(path), dtype=mx.float32, cpu_dequantize=False, fuse=False)
+    assert type(model.blk[0].attn.attn_output) is layers.AffineLinear
+    got = run(model)
+    n_layers = len(model.blk)
+    sandwich = "post_attention_norm" in model.blk[0]
+    assert len(fused) == (0 if sandwich else 2 * (2 * n_layers - 1)), fused  # prompt and first trace
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
