@@ -69,7 +69,7 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
 @pytest.mark.parametrize("pieces", ["none", "sym,norm,rope", "sym,norm,rope,act", "sym,norm,rope,inplace",
                                     "sym,norm,rope,act,inplace", "sym,norm,rope,glu", "sym,norm,rope,act,inplace,tail",
                                     "tail"])
-@pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3"])
+@pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3", "llama"])  # llama: no biases, no sandwich: tail runs
 def test_fused_cuda_pieces_equal_the_model_op_by_op(pieces, name, tiny_gguf, small_steps, monkeypatch):
     """On an NVIDIA GPU, each set of fused decode kernels (MLX_LLAMA_CUDA_FUSE, read at load and
     at every step) against the step op by op with none of them."""
@@ -89,7 +89,7 @@ NEEDS_CUDA = pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's
 
 @pytest.mark.parametrize("pieces", [None, pytest.param("sym,norm,rope,act,inplace,tail", marks=NEEDS_CUDA)],
                          ids=["defaults", "tail"])  # the pieces run on NVIDIA GPUs only: elsewhere the same as the defaults
-@pytest.mark.parametrize("name", ["llama-fused-qkv-biases", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "gemma3"])  # llama: the tail's products deferred (no biases)
 def test_steps_on_given_tokens_evaluated_together(name, pieces, tiny_gguf, small_steps, monkeypatch):
     """Steps whose tokens do not come from the last step's logits, built before any is evaluated
     (one graph): each still runs after the one before — on an NVIDIA GPU the attention writes the
