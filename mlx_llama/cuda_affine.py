@@ -25,11 +25,17 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import mlx.core as mx
 
 GROUP = 32
 MATVEC_MAX_ROWS = 8  # activation rows up to which the matvec beats dequantizing for a matmul
+
+def float_bits(x: float) -> int:
+    """A float32's bits as an int (a kernel's template argument)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
 
 def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     """A kernel's tiling: `default`, or the comma-separated integers in environment variable
@@ -408,21 +414,24 @@ def matvec(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: i
     interleaved (`fusion`), and the result is act(gate) · up (..., rows / 2), computed as the
     products are written."""
     rows = w.shape[0]
+    n_out = rows // 2 if epilogue else rows
+    return kernel("mlx_llama_affine_matvec", ["x", "w", "scales", "biases"], ["out"], _MATVEC)(
+        inputs=[x, w, scales, biases],  # read as nt rows: no reshape (each is a primitive the host evaluates)
+        **_launch(x, rows, bits, symmetric, act, epilogue), output_shapes=[(*x.shape[:-1], n_out)], output_dtypes=[x.dtype],
+    )[0]
+
+
+def _launch(x: mx.array, rows: int, bits: int, symmetric: bool, act: int, epilogue: int, extra: tuple = ()) -> dict:
+    """The template, grid and block of `_MATVEC` for x's rows (`extra`: more template arguments)."""
     k = x.shape[-1] // (2 if act else 1)
-    lead = x.shape[:-1]
     nt = x.size // x.shape[-1]
     r = max(1, ROWS_PER_BLOCK // nt)  # a batch's rows share the registers (no spills past ~4 × 4)
     if epilogue:
         r = max(2, r - r % 2)  # gate and up rows in the same block
-    n_out = rows // 2 if epilogue else rows
-    return kernel("mlx_llama_affine_matvec", ["x", "w", "scales", "biases"], ["out"], _MATVEC)(
-        inputs=[x, w, scales, biases],  # read as nt rows: no reshape (each is a primitive the host evaluates)
-        template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
-                  ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("LEAN", int(LEAN)),
-                  ("OutT", x.dtype)],
-        grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(*lead, n_out)], output_dtypes=[x.dtype],
-    )[0]
+    return dict(template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
+                          ("R", r), ("SYM", int(symmetric)), ("ACT", act), ("EPI", epilogue), ("LEAN", int(LEAN)),
+                          *extra, ("OutT", x.dtype)],
+                grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1))
 
 
 def matvec_add_norm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int, resid: mx.array,
@@ -433,21 +442,12 @@ def matvec_add_norm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array
     counter: a (1,) uint32 array of zeros that the kernel bumps and resets behind MLX's back: two
     launches sharing it must not run at once (a layer's launches don't: each needs the attention
     or feed-forward output of its own step, and a batch's rows go in one launch)."""
-    from .cuda_attention import float_bits
-
     rows = w.shape[0]
-    k = x.shape[-1]
-    lead = x.shape[:-1]
-    nt = x.size // k
-    r = max(1, ROWS_PER_BLOCK // nt)
     _, h, y = kernel("mlx_llama_affine_matvec_add_norm", ["x", "w", "scales", "biases", "resid", "nweight", "counter"],
                      ["out", "hsum", "normed"], _MATVEC + _NORM_TAIL)(
         inputs=[x, w, scales, biases, resid, weight, counter],
-        template=[("NT", nt), ("K", k), ("ROWS", rows), ("BITS", bits), ("UNROLL", UNROLL), ("WARPS", WARPS),
-                  ("R", r), ("SYM", int(symmetric)), ("ACT", 0), ("EPI", 0), ("LEAN", int(LEAN)),
-                  ("EPS_BITS", float_bits(eps)), ("OutT", x.dtype)],
-        grid=(-(-rows // r) * 32 * WARPS, 1, 1), threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(*lead, rows)] * 3, output_dtypes=[x.dtype] * 3,
+        **_launch(x, rows, bits, symmetric, 0, 0, extra=(("EPS_BITS", float_bits(eps)),)),
+        output_shapes=[(*x.shape[:-1], rows)] * 3, output_dtypes=[x.dtype] * 3,
     )
     return h, y
 

@@ -34,13 +34,14 @@ MLX_LLAMA_CUDA_ATTENTION=0 turns it off (the masked attention then).
 
 from __future__ import annotations
 
+import functools
 import os
-import struct
 
 import mlx.core as mx
 import numpy as np
 
 from . import cuda_affine
+from .cuda_affine import float_bits
 
 THREADS = 512
 MAX_POSITIONS = 4096  # scores in shared memory (16 KB); a longer buffer uses MLX's masked attention
@@ -284,21 +285,13 @@ def split_count(capacity: int) -> int:
     return -(-capacity // CHUNK) if start and capacity >= start else 1
 
 
-def float_bits(x: float) -> int:
-    """A float32's bits as an int (a kernel's template argument)."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
-_NO_FREQS: list = []
-
-
+@functools.cache
 def _no_freqs() -> mx.array:
     """The `freqs` input of a RoPE without its own frequencies (unread): one array made once, not
     a new one per layer and step."""
-    if not _NO_FREQS:
-        _NO_FREQS.append(mx.zeros((1,), mx.float32))
-        mx.eval(_NO_FREQS[0])
-    return _NO_FREQS[0]
+    freqs = mx.zeros((1,), mx.float32)
+    mx.eval(freqs)
+    return freqs
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, cache: mx.array, position: mx.array, scale: float, *,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import cuda_affine
-from .cuda_attention import float_bits
+from .cuda_affine import float_bits
+from .layers import QuantizedEmbedding
 
 HEADER = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
 GROUP = 32
@@ -42,8 +43,6 @@ _SOURCE = r"""
 def serves(table, tokens: mx.array) -> bool:
     """Whether the kernel serves this lookup: the piece on, an affine table in groups of 32 (no
     bias), a decoding step's few tokens."""
-    from .layers import QuantizedEmbedding
-
     return (cuda_affine.available() and cuda_affine.fused_kernels("embed") and type(table) is QuantizedEmbedding
             and table.group_size == GROUP and table.bits in (2, 3, 4, 5, 6, 8) and tokens.size <= MAX_TOKENS
             and (table["weight"].shape[1] * 32 // table.bits) % GROUP == 0)

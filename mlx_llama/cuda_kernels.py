@@ -186,20 +186,23 @@ def block_matvec_add_norm(x: mx.array, fields: dict, resid: mx.array, weight: mx
                           counter: mx.array) -> tuple[mx.array, mx.array]:
     """(h, y): h = resid + x @ W.T for Q6_K blocks W, y = rms_norm(h, weight, eps), in one kernel
     (`cuda_affine.matvec_add_norm`'s tail on `block_matvec`'s product; its counter likewise)."""
-    from .cuda_attention import float_bits
-
-    rows, nb = fields["d"].shape
-    lead = x.shape[:-1]
-    nt = x.size // x.shape[-1]
-    r = max(1, Q6_K_ROWS // nt)
+    rows = fields["d"].shape[0]
     _, h, y = _q6_k_add_norm()(
         inputs=[x, *(fields[k] for k in _FIELDS[Q6_K]), resid, weight, counter],
-        template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r), ("ACT", 0),
-                  ("EPS_BITS", float_bits(eps)), ("OutT", x.dtype)],
-        grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
-        output_shapes=[(*lead, rows)] * 3, output_dtypes=[x.dtype] * 3,
+        **_q6_k_launch(x, fields, 0, extra=(("EPS_BITS", cuda_affine.float_bits(eps)),)),
+        output_shapes=[(*x.shape[:-1], rows)] * 3, output_dtypes=[x.dtype] * 3,
     )
     return h, y
+
+
+def _q6_k_launch(x: mx.array, fields: dict, act: int, extra: tuple = ()) -> dict:
+    """The template, grid and block of `_Q6_K_MATVEC` for x's rows (`extra`: more template arguments)."""
+    rows, nb = fields["d"].shape
+    nt = x.size // x.shape[-1]
+    r = max(1, Q6_K_ROWS // nt)  # a batch's rows share the registers
+    return dict(template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r), ("ACT", act), *extra,
+                          ("OutT", x.dtype)],
+                grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1))
 
 
 def dequantize(ggml_type: int, fields: dict, dtype: mx.Dtype) -> mx.array:
@@ -225,13 +228,8 @@ def block_matvec(x: mx.array, ggml_type: int, fields: dict, act: int = 0) -> mx.
         nt *= n
     inputs = [x, *(fields[k] for k in _FIELDS[ggml_type])]  # read as nt rows: no reshape (a primitive)
     if ggml_type == Q6_K:
-        r = max(1, Q6_K_ROWS // nt)  # a batch's rows share the registers
-        return _kernel("matvec", ggml_type)(
-            inputs=inputs, template=[("NT", nt), ("NB", nb), ("ROWS", rows), ("WARPS", Q6_K_WARPS), ("R", r),
-                                     ("ACT", act), ("OutT", x.dtype)],
-            grid=(-(-rows // r) * 32 * Q6_K_WARPS, 1, 1), threadgroup=(32 * Q6_K_WARPS, 1, 1),
-            output_shapes=[(*lead, rows)], output_dtypes=[x.dtype],
-        )[0]
+        return _kernel("matvec", ggml_type)(inputs=inputs, **_q6_k_launch(x, fields, act), output_shapes=[(*lead, rows)],
+                                            output_dtypes=[x.dtype])[0]
     if act:
         raise ValueError("the gated activation is read inside the Q6_K matvec only")
     split = max(1, min(nb, -(-TARGET_WARPS // rows)))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import cuda_affine, layers
-from .cuda_attention import HEADER, float_bits
+from .cuda_affine import float_bits
+from .cuda_attention import HEADER
 
 MAX_THREADS = 512  # threads per row: one group of 8 values each up to 4096 values
 _SOURCE = """

@@ -17,9 +17,11 @@ import mlx.core as mx
 
 from .architectures import ModelConfig
 
-GROUPS = {"attn": (("attn_q", "attn_k", "attn_v"), "attn_qkv", "fused_qkv"),
-          "ffn": (("ffn_gate", "ffn_up"), "ffn_up", "fused_gate_up"),
-          "qk": (("attn_q", "attn_k"), "attn_qk", "fused_qk")}  # after "attn": where q, k, v did not fuse
+# (the layers' sublayer, its parts, the fused layer, the config's flag); q and k after q, k, v: alone
+# where v did not join them (once q, k, v are fused, their parts are gone)
+GROUPS = (("attn", ("attn_q", "attn_k", "attn_v"), "attn_qkv", "fused_qkv"),
+          ("ffn", ("ffn_gate", "ffn_up"), "ffn_up", "fused_gate_up"),
+          ("attn", ("attn_q", "attn_k"), "attn_qk", "fused_qk"))
 
 
 def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interleave: bool = False,
@@ -29,16 +31,15 @@ def fuse(cfg: ModelConfig, weights: list, quantized: dict, blocks: dict, interle
     block of `cuda_affine`'s matvec computes a gate row and its up row and can write
     act(gate) · up itself (`cuda_affine.matvec(epilogue=…)`)."""
     arrays = dict(weights)
-    for group, (parts, fused, flag) in GROUPS.items():
-        if getattr(cfg, flag) or (group == "qk" and cfg.fused_qkv):
+    for group, parts, fused, flag in GROUPS:
+        paths = [[f"blk.{i}.{group}.{p}" for p in parts] for i in range(cfg.num_layers)]
+        if getattr(cfg, flag) or any(f"{p}.weight" not in arrays for p in paths[0]):
             continue
         alternate = interleave and group == "ffn"
-        prefix = "attn" if group == "qk" else group
-        paths = [[f"blk.{i}.{prefix}.{p}" for p in parts] for i in range(cfg.num_layers)]
         if not all(_same_form(layer, quantized, blocks, arrays) for layer in paths):
             continue
         for i, layer in enumerate(paths):
-            target = f"blk.{i}.{prefix}.{fused}"
+            target = f"blk.{i}.{group}.{fused}"
             names = sorted({k[len(layer[0]) + 1:] for k in arrays if k.startswith(layer[0] + ".")})
             stacked = {f"{target}.{n}": _stack([arrays.pop(f"{p}.{n}") for p in layer], alternate) for n in names}
             mx.eval(list(stacked.values()))

@@ -179,16 +179,17 @@ class Attention(nn.Module):
         key and value into the slot's buffer itself ("inplace"), or returns them for the step to
         write → (1, 1, heads · head_dim)."""
         rope = self.rope.kernel_form() if fused_kernels("rope") else None
-        if rope is not None and "attn_qkv" in self and "attn_q_norm" not in self:
-            q = k = v = self.attn_qkv(x)
-            offsets = (0, self.q_dim, self.q_dim + self.kv_dim)
-        elif rope is not None and "attn_qk" in self and "attn_q_norm" not in self:
-            q = k = self.attn_qk(x)
-            v = self.attn_v(x)
-            offsets = (0, self.q_dim, 0)
-        elif rope is not None and "attn_q_norm" not in self:  # flat, as the kernel reads them: no reshapes
-            q, k, v = self.projections(x)
-            offsets = (0, 0, 0)
+        if rope is not None and "attn_q_norm" not in self:  # the projections flat, as the kernel reads them
+            if "attn_qkv" in self:
+                q = k = v = self.attn_qkv(x)
+                offsets = (0, self.q_dim, self.q_dim + self.kv_dim)
+            elif "attn_qk" in self:
+                q = k = self.attn_qk(x)
+                v = self.attn_v(x)
+                offsets = (0, self.q_dim, 0)
+            else:
+                q, k, v = self.projections(x)
+                offsets = (0, 0, 0)
         else:
             q, k, v = self.projections(x)
             q, k = heads(q, self.n_heads, 1, 1), heads(k, self.n_kv_heads, 1, 1)

@@ -351,7 +351,10 @@ def _decode_with(pieces: str, *args):
     try:
         return _decode(*args)
     finally:
-        os.environ.pop("MLX_LLAMA_CUDA_FUSE") if before is None else os.environ.update(MLX_LLAMA_CUDA_FUSE=before)
+        if before is None:
+            del os.environ["MLX_LLAMA_CUDA_FUSE"]
+        else:
+            os.environ["MLX_LLAMA_CUDA_FUSE"] = before
 
 
 def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
