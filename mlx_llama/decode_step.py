@@ -25,6 +25,7 @@ import weakref
 
 import mlx.core as mx
 
+from . import layers
 from .cache import KVCache, halves
 from .model import Model, RoPE
 
@@ -86,7 +87,8 @@ class CompiledDecoder:
         def trace(token: mx.array, position: mx.array, *state: mx.array) -> tuple[mx.array, ...]:
             masks: dict = {}
             slots = [Slot(kv, position, masks) for kv in state]
-            logits = owner()(token, slots)[:, -1, :]
+            with layers.deferring():  # the "tail" piece: its launches ordered by the steps' chain
+                logits = owner()(token, slots)[:, -1, :]
             # the next position, computed after this step's logits (its value: position + 1): the
             # next step's attention reads it, so it runs after this step's kernels even where its
             # token was not computed from these logits (tokens given, several steps in one graph)
@@ -108,6 +110,10 @@ class CompiledDecoder:
                 mx.async_eval(self.last)
             c.reserve(1)
         chained = self.next is not None and self.next[:2] == (id(cache), cache[0].offset)
+        if not chained and self.last is not None:
+            # another cache (or its offset moved): the steps so far go to the GPU first, as the
+            # chain would order them (a layer's "tail" launches share its counter)
+            mx.async_eval(self.last)
         position = self.next[2] if chained else mx.array(cache[0].offset, mx.int32)
         out = self.step(y[None], position, *[c.kv for c in cache])
         for c, kv in zip(cache, out[2:]):  # the only references to the new buffers: the next step updates them in place

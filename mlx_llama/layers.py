@@ -4,6 +4,8 @@ and Q2_K/Q6_K blocks dequantized when used. A layer's weight carries a bias when
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -80,11 +82,27 @@ class Pending(NamedTuple):
     x: mx.array
 
 
+_DEFERRING = contextvars.ContextVar("deferring", default=False)
+
+
+@contextlib.contextmanager
+def deferring():
+    """Products may be `deferred` within: the compiled decode step's trace. Its steps run one after
+    another (each reads the position the last one computed after its logits, `decode_step`), and
+    so do a layer's "tail" launches, which share the layer's counter; steps op by op have no such
+    order (tokens given, several steps in one graph: a CUDA graph may run two of them at once)."""
+    token = _DEFERRING.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRING.reset(token)
+
+
 def deferred(layer: nn.Module, x: mx.array) -> mx.array | Pending:
     """layer(x), or a `Pending` product where the add and norm after it can join its CUDA matvec
-    (the "tail" piece: an affine layer without bias, a few rows of x)."""
+    (the "tail" piece, in a compiled decode step: an affine layer without bias, a few rows of x)."""
     k = x.shape[-1]
-    if not fused_kernels("tail") or "bias" in layer or not cuda_affine.available() or x.size // k > cuda_affine.MATVEC_MAX_ROWS:
+    if not _DEFERRING.get() or not fused_kernels("tail") or "bias" in layer or not cuda_affine.available() or x.size // k > cuda_affine.MATVEC_MAX_ROWS:
         return layer(x)
     if type(layer) is AffineLinear and cuda_affine.supported(layer.bits, layer.group_size, k) \
             and not cuda_mma.serves(x, layer.bits, k, 0):

@@ -10,8 +10,8 @@
 #            without inplace, on Q4_0
 #   f0, f1, f2: the stash call that also starts llama-bench's build (carry .gpu1 and .gpuwork); the GPU
 #            tests of the compiled step and its kernels, a step's host time (built, submitted;
-#            profile_decode.py --host) with and without tail and embed, without CUDA graphs; then the
-#            table, and a row without CUDA graphs; f3: the table alone again (warm host)
+#            profile_decode.py --host) with and without tail and embed, Q4_0 and Q4_K_M; then the
+#            table; f3: the table alone again (warm host)
 #   long (after d1): 2000 positions cached, the attention split or not; explore: d1 without llama-bench;
 #            mini: mlx_llama and mlx-lm on the Q4_0 file alone (a few minutes of device time)
 # Logs and JSON go to $OUT. Carry .gpu2 (the kit) and .gpuwork (a 32000-token vocabulary file).
@@ -22,6 +22,7 @@ DIR=/tmp/bench7b; mkdir -p "$DIR"
 VOCAB=.gpuwork/ggml-vocab-llama-spm.gguf
 LB=/root/llama.cpp/build/bin/llama-bench
 Q40="$DIR/llama2-7b-shape-random-Q4_0-32l.gguf"
+Q4KM="$DIR/llama2-7b-shape-random-Q4_K_M-32l.gguf"
 step() { echo; echo "=== $* ($(date +%T))"; }
 offline_vocab() {  # the tests' vocabulary files from the carried copy: the host has no network
   mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
@@ -48,14 +49,15 @@ fuse_env_from_tests() {  # exports that turn off the fused decode pieces whose G
   failed "\(in_place\|fused_cuda_pieces.*inplace\]\)" "$1" && pieces=${pieces/,inplace/}
   failed "symmetric" "$1" && pieces=${pieces/sym,/}
   failed "\(epilogue\|fused_cuda_pieces.*-sym,norm,rope,act\]\)" "$1" && pieces=${pieces/,act/}
-  failed "add_rms_norm" "$1" && pieces=${pieces/norm,/}
+  failed "test_add_rms_norm" "$1" && pieces=${pieces/norm,/}
   failed "\(decode_attention\|fused_cuda_pieces.*-sym,norm,rope\]\)" "$1" && pieces=${pieces/rope/}
   echo "export MLX_LLAMA_CUDA_FUSE=${pieces%,}"
   failed "decode_attention_equals_mlx_attention\[none" "$1" && echo "export MLX_LLAMA_CUDA_ATTENTION=0"
   true
 }
-host_time() {  # a compiled step's host time, built and submitted (profile_decode.py --host), Q4_0, 128 cached
-  timeout 70 python3 scripts/profile_decode.py "$Q40" --host --context 128 --steps 96 2>&1 | tail -1 | tee -a "$OUT/host.txt"
+host_time() {  # a compiled step's host time, built and submitted (profile_decode.py --host), 128 cached; $1: the file
+  echo -n "$(basename "$1") $MLX_LLAMA_CUDA_FUSE: " | tee -a "$OUT/host.txt"
+  timeout 70 python3 scripts/profile_decode.py "$1" --host --context 128 --steps 96 2>&1 | tail -1 | tee -a "$OUT/host.txt"
 }
 kit_and_files() {  # MLX-CUDA set up (after the stash call), llama-bench's build started unless it is, xdist, the
   # tests' vocabulary, the 7B files made in the background (their pid in $files)
@@ -116,20 +118,19 @@ elif [ "${1:-1}" = f1 ]; then  # after f0, ~5 min: the compiled step's GPU tests
   step "GPU tests, 8 processes: the compiled step (given tokens, the fused pieces), the kernels it runs"
   gpu_tests 220 tests/test_decode_step.py tests/test_cuda_kernels.py -k "given or fused_cuda_pieces or fused_alone or \
 in_place or add_norm or add_rms_norm or equals_the_model or decode_attention or embedding_row"
-  step "a step's host time (Q4_0, 128 cached; llama-bench builds meanwhile): $MLX_LLAMA_CUDA_FUSE, then without tail"
-  host_time
-  MLX_LLAMA_CUDA_FUSE=${MLX_LLAMA_CUDA_FUSE/,tail/} host_time
-  MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace host_time  # the defaults the last table measured
-  MLX_USE_CUDA_GRAPHS=0 host_time  # kernels launched one by one: no graph nodes, updates
+  step "a step's host time (128 cached; llama-bench builds meanwhile): the pieces, then the last table's defaults"
+  for f in "$Q40" "$Q4KM"; do
+    host_time "$f"
+    MLX_LLAMA_CUDA_FUSE=sym,norm,rope,act,inplace host_time "$f"
+  done
   tail -1 /root/llama.cpp/build.log
-elif [ "${1:-1}" = f2 ]; then  # after f1: the table, and a row without CUDA graphs (kernels launched one by one) on Q4_0
+elif [ "${1:-1}" = f2 ]; then  # after f1: the table
   source /root/stash/env.sh
   cat /root/stash/attn.env && source /root/stash/attn.env
   step "wait for llama-bench"
   wait_llama_bench 60
   step "end to end"
   timeout 560 python3 scripts/bench_gpu.py --dir "$DIR" --vocab-from "$VOCAB" --check --mlx-lm --llama-bench "$LB" \
-      --row "mlx_llama, no CUDA graphs;MLX_USE_CUDA_GRAPHS=0" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 elif [ "${1:-1}" = f3 ]; then  # after f2 on the warm host: the table alone (defaults changed between calls)
   source /root/stash/env.sh

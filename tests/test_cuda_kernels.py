@@ -267,14 +267,21 @@ def test_add_rms_norm_equals_mlx_ops(dtype, shape):
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(want_y.astype(mx.float32)), rtol=tol, atol=tol)
 
 
+def add_rms_norm_by_mlx(resid: mx.array, delta: mx.array, weight: mx.array) -> tuple[mx.array, mx.array]:
+    """(h, y) by MLX's ops: the add, then `mx.fast.rms_norm` (eps 1e-5)."""
+    h = resid + delta
+    return h, mx.fast.rms_norm(h, weight, 1e-5)
+
+
 @pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "sym"])
 @pytest.mark.parametrize("nt, rows, k", [(1, 4096, 4096), (1, 4096, 11008), (3, 576, 1536), (1, 70, 1056)])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32], ids=["f16", "bf16", "f32"])
 def test_matvec_add_norm_equals_the_matvec_then_add_rms_norm(symmetric, nt, rows, k, dtype):
-    """The residual add and norm in the matvec's last block: h equal to the two kernels' (the same
-    roundings), y to the rounding of the sum of squares (summed in another order); several launches
-    in a row (each resets the counter for the next)."""
-    from mlx_llama import cuda_affine, cuda_norm
+    """The residual add and norm in the matvec's last block: h equal to MLX's add of the matvec's
+    product (the same roundings), y to MLX's rms_norm up to the rounding of the sum of squares
+    (summed in another order); several launches in a row (each resets the counter for the next).
+    Rows of any length (70: not a whole number of 16-byte loads)."""
+    from mlx_llama import cuda_affine
 
     rng = np.random.default_rng(rows + k)
     w = mx.array(rng.standard_normal((rows, k)) * 0.02, dtype)
@@ -287,8 +294,7 @@ def test_matvec_add_norm_equals_the_matvec_then_add_rms_norm(symmetric, nt, rows
         resid = mx.array(rng.standard_normal((nt, rows)) * 3, dtype)
         weight = mx.array(rng.standard_normal(rows), dtype)
         h, y = cuda_affine.matvec_add_norm(x, wq, scales, biases, 4, resid, weight, 1e-5, counter, symmetric=symmetric)
-        delta = cuda_affine.matvec(x, wq, scales, biases, 4, symmetric=symmetric)
-        want_h, want_y = cuda_norm.add_rms_norm(resid, delta, weight, 1e-5)
+        want_h, want_y = add_rms_norm_by_mlx(resid, cuda_affine.matvec(x, wq, scales, biases, 4, symmetric=symmetric), weight)
         assert h.shape == y.shape == (nt, rows) and h.dtype == y.dtype == dtype
         np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32)))
         tol = {mx.float16: 2e-3, mx.bfloat16: 1.6e-2, mx.float32: 1e-5}[dtype]
@@ -300,8 +306,6 @@ def test_matvec_add_norm_equals_the_matvec_then_add_rms_norm(symmetric, nt, rows
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32], ids=["f16", "f32"])
 def test_q6_k_matvec_add_norm_equals_the_matvec_then_add_rms_norm(nt, rows, nb, dtype):
     """The same tail after the Q6_K block matvec (Q4_K_M's ffn_down in half the layers)."""
-    from mlx_llama import cuda_norm
-
     fields = random_fields(quants.Q6_K, rows, nb, seed=rows)
     rng = np.random.default_rng(nb)
     counter = mx.zeros((1,), mx.uint32)
@@ -310,7 +314,7 @@ def test_q6_k_matvec_add_norm_equals_the_matvec_then_add_rms_norm(nt, rows, nb, 
         resid = mx.array(rng.standard_normal((nt, rows)), dtype)
         weight = mx.array(rng.standard_normal(rows), dtype)
         h, y = cuda_kernels.block_matvec_add_norm(x, fields, resid, weight, 1e-5, counter)
-        want_h, want_y = cuda_norm.add_rms_norm(resid, cuda_kernels.block_matvec(x, quants.Q6_K, fields), weight, 1e-5)
+        want_h, want_y = add_rms_norm_by_mlx(resid, cuda_kernels.block_matvec(x, quants.Q6_K, fields), weight)
         np.testing.assert_array_equal(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32)))
         tol = 2e-3 if dtype == mx.float16 else 1e-5
         np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(want_y.astype(mx.float32)), rtol=tol, atol=tol)
@@ -324,8 +328,10 @@ def test_embedding_row_kernel_equals_mlx_ops(arch, tensor_type, dtype, tiny_gguf
     and dequantization (gemma3: times its embedding scale)."""
     import mlx_llama
     from mlx_llama import cuda_embed
+    from test_tokenizer import vocab_path
 
-    model, _ = mlx_llama.load(tiny_gguf(tensor_type, arch=arch, embed_std=0.5), dtype=dtype, cpu_dequantize=False)
+    path = tiny_gguf(tensor_type, arch=arch, embed_std=0.5, vocab_from=vocab_path("llama-spm"))  # offline, as on the GPU host
+    model, _ = mlx_llama.load(path, dtype=dtype, cpu_dequantize=False)
     for tokens in (mx.array([[5]]), mx.array([[7, 300, 2]]), mx.array([[1], [9], [511]])):
         monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "embed")
         assert cuda_embed.serves(model.token_embd, tokens)

@@ -93,9 +93,10 @@ def test_verbose_line_names_the_cuda_pieces(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_tail_products_reach_their_add_and_norm(arch, tiny_gguf, monkeypatch):
     """The "tail" piece's wiring, on the CPU: with CUDA pretended and the two matvecs stood in for
-    by MLX's ops, each output projection is deferred (`layers.Pending`) and computed by the add and
-    norm after it — or alone where a sandwich norm (gemma3) or the model's end needs it — and the
-    logits, prompt and compiled decode steps alike, are the plain model's."""
+    by MLX's ops, each output projection of a compiled decode step is deferred (`layers.Pending`)
+    and computed by the add and norm after it — or alone where a sandwich norm (gemma3) or the
+    model's end needs it — and the logits, prompt and compiled decode steps alike, are the plain
+    model's."""
     from mlx_llama import cuda_affine, cuda_attention, layers
     from mlx_llama.decode_step import decoder
     from mlx_llama.generation import prefill
@@ -132,5 +133,5 @@ def test_tail_products_reach_their_add_and_norm(arch, tiny_gguf, monkeypatch):
     got = run(model)
     n_layers = len(model.blk)
     sandwich = "post_attention_norm" in model.blk[0]
-    assert len(fused) == (0 if sandwich else 2 * (2 * n_layers - 1)), fused  # prompt and first trace
+    assert len(fused) == (0 if sandwich else 2 * n_layers - 1), fused  # the first trace (not the prompt, op by op)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
