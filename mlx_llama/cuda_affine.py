@@ -45,9 +45,8 @@ def tile_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
 
 
 PIECES = ("sym", "norm", "rope", "glu", "act", "inplace", "tail", "embed")  # the fused decode pieces, as `fused_kernels` names them
-# sym..inplace measured on an H200 (BENCHMARKS.md); tail, embed: fewer kernels for a host-bound step,
-# their GPU tests and figures due in the next H200 run; "glu" is opt-in
-FUSED_DEFAULT = "sym,norm,rope,act,inplace,tail,embed"
+# the defaults measured on an H200 (BENCHMARKS.md); glu, tail and embed opt-in: tested there, not faster
+FUSED_DEFAULT = "sym,norm,rope,act,inplace"
 
 
 def fused_kernels(piece: str) -> bool:
@@ -439,9 +438,9 @@ def matvec_add_norm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array
     """(h, y): h = resid + x @ W.T, y = rms_norm(h, weight, eps), in one kernel (`_NORM_TAIL`): the
     product as `matvec` computes it, then the add and norm as `cuda_norm.add_rms_norm`'s.
 
-    counter: a (1,) uint32 array of zeros that the kernel bumps and resets behind MLX's back: two
-    launches sharing it must not run at once (a layer's launches don't: each needs the attention
-    or feed-forward output of its own step, and a batch's rows go in one launch)."""
+    counter: a uint32 array of zeros (`new_counter`) whose first element the kernel bumps and resets
+    behind MLX's back: two launches sharing it must not run at once (a layer's launches in the
+    compiled decode step don't: `layers.deferring`)."""
     rows = w.shape[0]
     _, h, y = kernel("mlx_llama_affine_matvec_add_norm", ["x", "w", "scales", "biases", "resid", "nweight", "counter"],
                      ["out", "hsum", "normed"], _MATVEC + _NORM_TAIL)(
@@ -450,6 +449,15 @@ def matvec_add_norm(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array
         output_shapes=[(*x.shape[:-1], rows)] * 3, output_dtypes=[x.dtype] * 3,
     )
     return h, y
+
+
+def new_counter() -> mx.array:
+    """A launch counter for `matvec_add_norm`: 64 zeros, the first one used. MLX's CUDA allocator
+    keeps arrays of 8 bytes or less apart (not in device memory): the kernel's atomics on a (1,)
+    counter took ~2.3 ms a launch on an H200, on one of 8 or more elements 0.04 ms (the matvec's)."""
+    counter = mx.zeros((64,), mx.uint32)
+    mx.eval(counter)
+    return counter
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gated activations the matvecs compute as they read

@@ -83,7 +83,7 @@ def test_verbose_line_names_the_cuda_pieces(monkeypatch):
 
     assert _cuda_pieces() == ""  # here: the CPU
     monkeypatch.setattr(cuda_affine, "available", lambda: True)
-    assert _cuda_pieces() == " | CUDA: scalar matvecs, CUDA kernel attention, fused sym,norm,rope,act,inplace,tail,embed"
+    assert _cuda_pieces() == " | CUDA: scalar matvecs, CUDA kernel attention, fused sym,norm,rope,act,inplace"
     monkeypatch.setenv("MLX_LLAMA_CUDA_FUSE", "none")
     monkeypatch.setenv("MLX_LLAMA_CUDA_ATTENTION", "0")
     monkeypatch.setenv("MLX_LLAMA_AFFINE_MMA", "1")
