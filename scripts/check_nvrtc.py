@@ -392,8 +392,8 @@ def drivers(mods: dict, tmp: Path) -> list[tuple[str, object, tuple, dict]]:
                 mx.zeros(shape[-1:], dt), 1e-5)
         for label, ttype, kw in MODELS:
             add(f"model {label} {ttype} {name}", _decode, tmp, label, ttype, kw, dt)
-        add(f"model llama Q4_0 {name}, the tail piece", _decode_with, "sym,norm,rope,act,inplace,tail", tmp, "llama", "Q4_0",
-            {}, dt)
+        add(f"model llama Q4_0 {name}, the tail and embed pieces", _decode_with, "sym,norm,rope,act,inplace,tail,embed", tmp,
+            "llama", "Q4_0", {}, dt)  # opt-in pieces
     return calls
 
 
