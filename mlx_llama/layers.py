@@ -102,7 +102,8 @@ def deferred(layer: nn.Module, x: mx.array) -> mx.array | Pending:
     """layer(x), or a `Pending` product where the add and norm after it can join its CUDA matvec
     (the "tail" piece, in a compiled decode step: an affine layer without bias, a few rows of x)."""
     k = x.shape[-1]
-    if not _DEFERRING.get() or not fused_kernels("tail") or "bias" in layer or not cuda_affine.available() or x.size // k > cuda_affine.MATVEC_MAX_ROWS:
+    if not (_DEFERRING.get() and fused_kernels("tail") and cuda_affine.available()) or "bias" in layer \
+            or x.size // k > cuda_affine.MATVEC_MAX_ROWS:
         return layer(x)
     if type(layer) is AffineLinear and cuda_affine.supported(layer.bits, layer.group_size, k) \
             and not cuda_mma.serves(x, layer.bits, k, 0):

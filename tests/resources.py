@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tarfile
@@ -43,9 +44,18 @@ def templates_dir() -> Path:
 def _from_sdist(directory: Path) -> Path:
     if (directory / _COMPLETE).exists():
         return directory
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:  # the suite's processes (pytest -n): one fetches, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / _COMPLETE).exists():
+            _extract_sdist()
+    return directory
+
+
+def _extract_sdist() -> None:
+    """Both directories from llama-cpp-python's sdist, each replaced whole unless complete."""
     from mlx_llama.download import download_url
 
-    CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         sdist = Path(tmp) / "sdist.tar.gz"
         download_url(VOCAB_SDIST_URL, VOCAB_SDIST_SHA256, sdist, "llama.cpp's test files (llama-cpp-python 0.3.36 sdist)")
@@ -65,7 +75,6 @@ def _from_sdist(directory: Path) -> Path:
                 if d.exists():
                     shutil.rmtree(d)
                 os.replace(out, d)
-    return directory
 
 
 GEMMA3_270M = "gemma-3-270m-q4_k_m.gguf"
