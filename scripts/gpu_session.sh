@@ -24,7 +24,9 @@ LB=/root/llama.cpp/build/bin/llama-bench
 Q40="$DIR/llama2-7b-shape-random-Q4_0-32l.gguf"
 Q4KM="$DIR/llama2-7b-shape-random-Q4_K_M-32l.gguf"
 step() { echo; echo "=== $* ($(date +%T))"; }
-offline_vocab() {  # the tests' vocabulary files from the carried copy: the host has no network
+offline_vocab() {  # the tests' vocabulary files from the carried copy (the host has no network), and
+  # pytest-xdist (pyproject's addopts run the suite in processes: -n)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
   mkdir -p tests/.cache/vocab && cp .gpuwork/*.gguf tests/.cache/vocab/ && touch tests/.cache/vocab/.complete
 }
 make_files() {  # bench_gpu's four files (Q4_0, Q4_K_M; 2 and 32 layers)
@@ -64,7 +66,6 @@ kit_and_files() {  # MLX-CUDA set up (after the stash call), llama-bench's build
   step setup
   source .gpu2/setup.sh
   [ -f /root/llama.cpp/build.log ] || bash .gpu2/build_llama_bench.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   offline_vocab
   make_files 300 > "$OUT/make_files.txt" 2>&1 &
@@ -158,7 +159,6 @@ print('mlx-lm g32', json.dumps(bench_gpu.in_child('mlx_lm_worker', 32, 2)), flus
 elif [ "${1:-1}" = mini2 ]; then  # after stash, ~3 minutes: the in-place piece's GPU tests, then Q4_0 tg128 with and without it
   step setup
   source .gpu2/setup.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwork/whl/*.whl
   offline_vocab
   make_q40 100 > "$OUT/make_q40.txt" 2>&1 &
   files=$!
