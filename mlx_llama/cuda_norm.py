@@ -91,8 +91,9 @@ def add_norm(x: mx.array, delta, norm) -> tuple[mx.array, mx.array]:
     if delta is None:
         return x, norm(x)
     if isinstance(delta, layers.Pending):  # a product deferred to join this add and norm
-        if cuda_affine.available() and cuda_affine.fused_kernels("tail") and "weight" in norm and norm.weight.dtype == x.dtype == delta.x.dtype \
-                and delta.x.shape[:-1] == x.shape[:-1] and norm.weight.shape == x.shape[-1:]:
+        # (`deferred` made it only where the "tail" piece runs: what is left to check is the norm's side)
+        if "weight" in norm and norm.weight.dtype == x.dtype == delta.x.dtype and delta.x.shape[:-1] == x.shape[:-1] \
+                and norm.weight.shape == x.shape[-1:]:
             return layers.add_norm_after(delta, x, norm)
         delta = layers.resolve(delta)
     if available() and "weight" in norm and supported(x, delta, norm.weight):

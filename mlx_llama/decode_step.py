@@ -101,19 +101,18 @@ class CompiledDecoder:
 
     def __call__(self, y: mx.array, cache: list[KVCache]) -> mx.array:
         """y: the last token (1,) int32 → the next logits (1, vocab); the cache advances by one."""
-        for c in cache:
-            if c.offset + 1 > c.kv.shape[2] and self.last is not None:
-                # growing copies the buffer: after the last step's kernels, which may have written
-                # its last row behind MLX's back (the "inplace" attention). MLX orders a CUDA
-                # graph's kernels by the buffers they declare (mx.depends adds no such edge), and
-                # graphs in the order they are submitted: the steps so far go to the GPU first
-                mx.async_eval(self.last)
-            c.reserve(1)
         chained = self.next is not None and self.next[:2] == (id(cache), cache[0].offset)
-        if not chained and self.last is not None:
-            # another cache (or its offset moved): the steps so far go to the GPU first, as the
-            # chain would order them (a layer's "tail" launches share its counter)
+        grows = any(c.offset + 1 > c.kv.shape[2] for c in cache)
+        if self.last is not None and (grows or not chained):
+            # the steps so far go to the GPU first: MLX orders a CUDA graph's kernels by the buffers
+            # they declare (mx.depends adds no such edge), and graphs in the order they are
+            # submitted. Growing copies the buffer: after the last step's kernels, which may have
+            # written its last row behind MLX's back (the "inplace" attention); a step for another
+            # cache (or an offset moved) does not read the chained position, which orders the
+            # steps (a layer's "tail" launches share its counter)
             mx.async_eval(self.last)
+        for c in cache:
+            c.reserve(1)
         position = self.next[2] if chained else mx.array(cache[0].offset, mx.int32)
         out = self.step(y[None], position, *[c.kv for c in cache])
         for c, kv in zip(cache, out[2:]):  # the only references to the new buffers: the next step updates them in place

@@ -277,8 +277,10 @@ def _affine(fn, dt, bits, nt=1, rows=70, k=1056, **kw):
 
 def _affine_norm(fn, dt, nt=1, rows=70, k=1056, **kw):
     wq, scales, biases = mx.quantize(mx.zeros((rows, k), dt), group_size=32, bits=4)
+    from mlx_llama.cuda_affine import new_counter
+
     return fn(mx.zeros((nt, k), dt), wq, scales, biases, 4, mx.zeros((nt, rows), dt), mx.zeros((rows,), dt), 1e-5,
-              mx.zeros((1,), mx.uint32), **kw)
+              new_counter(), **kw)
 
 
 def _blocks(mod, dt, ggml_type, nt=0, **kw):  # nt 0: dequantize
@@ -297,11 +299,12 @@ def _q6_k_norm(mod, dt, nt):
     import numpy as np
 
     from mlx_llama import quants
+    from mlx_llama.cuda_affine import new_counter
 
     rows, nb = 39, 6
     fields = quants.split_blocks(quants.Q6_K, np.zeros((rows, nb, 210), np.uint8)).fields
     return mod.block_matvec_add_norm(mx.zeros((nt, nb * 256), dt), fields, mx.zeros((nt, rows), dt), mx.zeros((rows,), dt),
-                                     1e-5, mx.zeros((1,), mx.uint32))
+                                     1e-5, new_counter())
 
 
 def _attention(mod, dt, d, hq, hkv, window, rope=None, cap=768, in_place=False, split=False):

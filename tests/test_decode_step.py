@@ -65,7 +65,10 @@ def test_compiled_step_equals_the_model_op_by_op(name, tiny_gguf, small_steps, m
     assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
 
 
-@pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
+NEEDS_CUDA = pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
+
+
+@NEEDS_CUDA
 @pytest.mark.parametrize("pieces", ["none", "sym,norm,rope", "sym,norm,rope,act", "sym,norm,rope,inplace",
                                     "sym,norm,rope,act,inplace", "sym,norm,rope,glu", "sym,norm,rope,act,inplace,tail",
                                     "tail"])
@@ -82,9 +85,6 @@ def test_fused_cuda_pieces_equal_the_model_op_by_op(pieces, name, tiny_gguf, sma
     compiled = decode(model, True, monkeypatch)
     assert np.abs(eager - compiled).max() <= 4e-2, pieces
     assert (eager.argmax(-1) == compiled.argmax(-1)).mean() >= 0.95
-
-
-NEEDS_CUDA = pytest.mark.skipif(not cuda_affine.available(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
 
 
 @pytest.mark.parametrize("pieces", [None, pytest.param("sym,norm,rope,act,inplace,tail", marks=NEEDS_CUDA)],
