@@ -6,6 +6,8 @@ exports the standard `cblas_*` symbols and is loaded with RTLD_GLOBAL *before* `
 takes those calls (OpenBLAS: ~210 GFLOP/s on the same machine). This must run before anything
 imports `mlx.core`; `mlx_llama/__init__.py` calls it first thing.
 
+A preloaded OpenBLAS is also why `finish_queued_work` runs at exit (see there).
+
 MLX_LLAMA_BLAS=off turns it off; MLX_LLAMA_BLAS=/path/to/libfoo.so picks a library. When the
 model then runs on the CPU without a fast BLAS, `warn_if_slow` says so once per process, with the
 fix (MLX_LLAMA_BLAS_WARNING=off silences it, as does a `warnings` filter on SlowBLASWarning).
@@ -13,6 +15,7 @@ fix (MLX_LLAMA_BLAS_WARNING=off silences it, as does a `warnings` filter on Slow
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import os
@@ -30,6 +33,7 @@ status = "not checked"  # one line for --verbose
 fast = False  # whether a fast BLAS serves MLX's CPU matmuls
 fix = ""  # how to get one, when not
 _warned = False
+_streams: list = []  # MLX streams other than the default ones, drained at exit
 
 
 def _has_cblas(lib: ctypes.CDLL) -> bool:
@@ -62,6 +66,7 @@ def preload() -> str:
                 continue
             if _has_cblas(lib):
                 status, fast = f"{name} (preloaded)", True
+                atexit.register(finish_queued_work)
                 break
         else:
             missing = f"could not load MLX_LLAMA_BLAS={setting}" if setting else "no OpenBLAS found"
@@ -69,6 +74,32 @@ def preload() -> str:
             fix = ("point MLX_LLAMA_BLAS at a library exporting cblas_sgemm, or unset it" if setting
                    else "on Debian/Ubuntu run `sudo apt install libopenblas0`")
     return status
+
+
+def drain_at_exit(stream) -> None:
+    """Have `finish_queued_work` also wait for `stream` (a thread's own, e.g. the server's)."""
+    _streams.append(stream)
+
+
+def finish_queued_work() -> None:
+    """At exit, before the native libraries' exit handlers: wait for the work MLX has queued.
+
+    OpenBLAS's exit handler (0.3.21, Debian 12's) stops its worker threads; when a matmul is
+    still running on MLX's CPU thread, a worker can miss the stop and sleep forever, and the
+    process hangs instead of exiting (with three 2048² matmuls queued: 12 hangs in 12 exits).
+    A decode loop queues step n+1 before it hands out token n, so a program that stops reading
+    tokens exits with one queued. The CLI exits through `cli.run`, which skips those handlers."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return
+    streams = [mx.default_stream(mx.cpu), *_streams]
+    if mx.default_device() != mx.cpu:
+        streams.append(mx.default_stream(mx.default_device()))
+    for stream in streams:
+        try:
+            mx.synchronize(stream)
+        except Exception:  # noqa: BLE001 - exiting anyway; nothing to report
+            pass
 
 
 def warn_if_slow() -> None:

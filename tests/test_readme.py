@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from watched import run_watched
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -80,7 +80,7 @@ PYTHON = [(line, body) for line, lang, body in blocks() if lang == "python" and 
 
 def check_command(line: int, part: str, expected: list[str], cwd) -> None:
     assert shlex.split(part)[0] in ("mlx_llama", "echo", "curl"), f"README.md:{line}: {part}"
-    r = subprocess.run(part, shell=True, capture_output=True, text=True, env=shell_env(), cwd=cwd, timeout=600)
+    r = run_watched(part, shell=True, env=shell_env(), cwd=cwd, timeout=600)
     assert r.returncode == 0, f"README.md:{line}: {part}\n{r.stderr}"
     assert "Traceback" not in r.stderr
     for text in expected:
@@ -88,7 +88,7 @@ def check_command(line: int, part: str, expected: list[str], cwd) -> None:
 
 
 def check_python(line: int, body: str, cwd) -> None:
-    r = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, cwd=cwd, timeout=600)
+    r = run_watched([sys.executable, "-c", body], cwd=cwd, timeout=600)
     assert r.returncode == 0, f"README.md:{line}:\n{r.stderr}"
     assert "Warning" not in r.stderr, r.stderr
     for text in (x[len("# →"):].strip() for x in body.splitlines() if x.startswith("# →")):

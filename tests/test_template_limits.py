@@ -104,6 +104,23 @@ def test_the_watchdog_never_fires_outside_a_render():
     assert outcomes == {"rendered", "stopped"}
 
 
+def test_a_limit_shorter_than_starting_the_watchdog():
+    """A limit so short that the watchdog fires while its own thread starts (as a long one can on
+    a busy machine): the render is refused with the limit error or finishes; the interruption
+    never escapes into the caller."""
+    outcomes = set()
+    for _ in range(100):
+        try:
+            ChatTemplate(CHATML, limits=RenderLimits(seconds=1e-6)).render(HELLO)
+            outcomes.add("rendered")
+        except ChatTemplateLimitError:
+            outcomes.add("stopped")
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:  # a stray exception would surface in this loop
+            pass
+    assert "stopped" in outcomes
+
+
 def test_renders_in_threads_have_their_own_limits():
     results = {}
 

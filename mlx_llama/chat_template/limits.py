@@ -253,10 +253,15 @@ class _Watchdog:
     delivered, so it can never surface in the caller's code."""
 
     def __init__(self, seconds: float):
-        self.thread, self.active, self.fired = threading.get_ident(), True, False
+        self.thread, self.active, self.fired = threading.get_ident(), False, False
         self.lock = threading.Lock()
         self.timer = threading.Timer(seconds, self._fire)
         self.timer.daemon = True
+
+    def start(self) -> None:
+        """Arm it. Call inside the `try` whose `finally` calls `stop`: the raise can come before
+        this returns (while the timer's thread starts, on a busy machine or a short limit)."""
+        self.active = True
         self.timer.start()
 
     def _fire(self):
@@ -281,6 +286,7 @@ def run_limited(render, limits: RenderLimits | None = None):
     token = _current.set(_Budget(limits))
     watchdog, result = _Watchdog(limits.seconds), None
     try:
+        watchdog.start()
         result = render()
     except _TimeUp:
         pass

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 
+from .. import _blas
 from ..batch import Batch, Sequence
 from ..chat import common_prefix
 from ..errors import MlxLlamaError
@@ -142,7 +143,9 @@ class Scheduler:
 
     def _loop(self) -> None:
         # MLX's streams belong to a thread: arrays this thread computes are made here
-        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        stream = mx.new_stream(mx.default_device())
+        mx.set_default_stream(stream)
+        _blas.drain_at_exit(stream)
         self.batch = Batch(self.model, len(self.slots))
         while True:
             with self.lock:
