@@ -86,7 +86,7 @@ def finish_queued_work() -> None:
 
     OpenBLAS's exit handler (0.3.21, Debian 12's) stops its worker threads; when a matmul is
     still running on MLX's CPU thread, a worker can miss the stop and sleep forever, and the
-    process hangs instead of exiting (with three 2048² matmuls queued: 12 hangs in 12 exits).
+    process hangs instead of exiting (a 2048² matmul queued at exit: 12 hangs in 12 exits).
     A decode loop queues step n+1 before it hands out token n, so a program that stops reading
     tokens exits with one queued. The CLI exits through `cli.run`, which skips those handlers."""
     mx = sys.modules.get("mlx.core")

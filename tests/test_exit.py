@@ -1,7 +1,7 @@
 """A Python program that uses mlx_llama exits, even with MLX work still queued.
 
 With OpenBLAS preloaded (`mlx_llama._blas`), a process that exits while a matmul runs on MLX's
-CPU thread used to hang in OpenBLAS's exit handler (three 2048² products queued: 12 hangs in 12
+CPU thread used to hang in OpenBLAS's exit handler (a 2048² product queued: 12 hangs in 12
 exits). A decode loop always has the next step queued, so every program that stops reading
 tokens exits that way; `_blas.finish_queued_work` waits for the work first.
 """
