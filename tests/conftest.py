@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,13 @@ _ROOT = _TESTS.parent
 for _p in (_TESTS, _ROOT / "scripts"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+
+# The suite runs in two processes (pytest-xdist, pyproject's addopts) on a 2-core machine: one
+# OpenBLAS thread each, and in the programs the tests start, or their BLAS threads spin against
+# each other's (the suite took 600 s with OpenBLAS's default, 491 s so). A test that needs the
+# worker threads (test_exit) asks for them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import mlx_llama  # noqa: E402,F401  (before mlx.core: the fast BLAS)
 import mlx.core as mx  # noqa: E402

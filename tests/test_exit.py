@@ -8,6 +8,7 @@ tokens exits that way; `_blas.finish_queued_work` waits for the work first.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -26,7 +27,8 @@ mx.async_eval((a @ a) @ a)  # still running when the program ends
 @pytest.mark.skipif(not _blas.fast or sys.platform == "darwin", reason="OpenBLAS is not installed (libopenblas0)")
 def test_exit_with_a_matmul_queued():
     for _ in range(3):
-        r = run_watched([sys.executable, "-c", QUEUED_AT_EXIT], timeout=60)
+        # OpenBLAS's worker threads (the suite runs with one BLAS thread per process: none)
+        r = run_watched([sys.executable, "-c", QUEUED_AT_EXIT], timeout=60, env=dict(os.environ, OPENBLAS_NUM_THREADS="2"))
         assert r.returncode == 0, r.stderr[-2000:]
 
 
