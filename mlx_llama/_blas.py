@@ -33,7 +33,7 @@ status = "not checked"  # one line for --verbose
 fast = False  # whether a fast BLAS serves MLX's CPU matmuls
 fix = ""  # how to get one, when not
 _warned = False
-_streams: list = []  # MLX streams other than the default ones, drained at exit
+_streams: list = []  # MLX streams other than the default ones, drained at exit and before a fork
 
 
 def _has_cblas(lib: ctypes.CDLL) -> bool:
