@@ -92,7 +92,8 @@ def finish_queued_work() -> None:
     and the process hangs instead of exiting or forking (a 2048² matmul queued at exit: 12 hangs
     in 12 exits; at a fork: 3 in 4).
     A decode loop queues step n+1 before it hands out token n, so a program that stops reading
-    tokens exits with one queued. The CLI exits through `cli.run`, which skips those handlers."""
+    tokens exits with one queued. The CLI's `cli.run` calls it too, then exits skipping those
+    handlers."""
     mx = sys.modules.get("mlx.core")
     if mx is None:
         return

@@ -12,6 +12,7 @@ import warnings
 
 import click
 
+from .. import _blas
 from .bench import bench
 from .chat import chat
 from .common import end_run, fail, show_warning
@@ -64,12 +65,7 @@ def run(args=None, prog_name=None) -> None:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
     finally:
-        mx = sys.modules.get("mlx.core")
-        if mx is not None:
-            try:
-                mx.synchronize()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
+        _blas.finish_queued_work()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
